@@ -1,0 +1,37 @@
+# Two commands for a newcomer on a fresh machine:
+#   make demo   - set up .venv, generate the synthetic driving scenes, run the main job on them
+#   make test   - set up .venv, run the whole CPU test suite
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= data/synthetic
+
+.PHONY: demo test install sysdeps clean-data
+
+# open3d (imported where point clouds are processed) needs Debian's libusb-1.0-0.
+sysdeps:
+	@if ! ldconfig -p | grep -q 'libusb-1.0.so.0'; then \
+		if [ "$$(id -u)" = "0" ]; then \
+			echo "installing libusb-1.0-0 (needed by open3d)"; \
+			apt-get update -qq && apt-get install -y -qq libusb-1.0-0 >/dev/null; \
+		else \
+			echo "open3d needs libusb-1.0-0: run 'sudo apt-get install -y libusb-1.0-0'"; exit 1; \
+		fi; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+install: sysdeps $(VENV)/.installed
+
+demo: install
+	@bash scripts/demo.sh "$(DATA)"
+
+test: install
+	$(PY) -m pytest -q
+
+clean-data:
+	rm -rf $(DATA)

@@ -1,0 +1,53 @@
+"""nerfstudio registrations: the ``evolsplat-ff`` method and the ``evolsplat-multiscene`` dataparser.
+
+This module is the plugin's entry point: nerfstudio imports it on every ``ns-*`` command, so it must never fail
+and must stay light (no open3d / gsplat at import, no import of ``nerfstudio.configs.method_configs``, which
+imports us).
+"""
+
+from __future__ import annotations
+
+from nerfstudio.configs.base_config import ViewerConfig
+from nerfstudio.engine.optimizers import AdamOptimizerConfig
+from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
+from nerfstudio.engine.trainer import TrainerConfig
+from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
+from nerfstudio.plugins.types import MethodSpecification
+
+from evolsplat_ns.data.datamanager import EvolSplatDataManagerConfig
+from evolsplat_ns.data.ns_dataparser import EvolSplatDataParserConfig
+from evolsplat_ns.model.evolsplat import EvolSplatModelConfig
+
+
+def make_trainer_config() -> TrainerConfig:
+    """The ``evolsplat-ff`` defaults (reference constants, SPEC)."""
+    return TrainerConfig(
+        method_name="evolsplat-ff",
+        steps_per_eval_batch=500,
+        steps_per_eval_image=500,
+        steps_per_save=2000,
+        max_num_iterations=50000,
+        mixed_precision=False,
+        pipeline=VanillaPipelineConfig(
+            datamanager=EvolSplatDataManagerConfig(dataparser=EvolSplatDataParserConfig()),
+            model=EvolSplatModelConfig(),
+        ),
+        optimizers={
+            "networks": {
+                "optimizer": AdamOptimizerConfig(lr=1e-3, eps=1e-15),
+                "scheduler": ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=30000),
+            },
+            "sparse_conv": {
+                "optimizer": AdamOptimizerConfig(lr=1e-3, eps=1e-15),
+                "scheduler": ExponentialDecaySchedulerConfig(lr_final=5e-7, warmup_steps=500, max_steps=30000),
+            },
+        },
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15, quit_on_train_completion=True),
+        vis="viewer",
+    )
+
+
+evolsplat_ff = MethodSpecification(
+    config=make_trainer_config(),
+    description="EVolSplat feed-forward 3D Gaussian Splatting of driving scenes (many scenes, segment batches)",
+)

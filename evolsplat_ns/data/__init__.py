@@ -1,0 +1,1 @@
+"""Data side: parse scene folders -> index keyframes/segments -> schedule -> assemble segment batches."""

@@ -1,0 +1,274 @@
+"""The ``evolsplat-multiscene`` dataparser: a folder of scenes -> validated :class:`SceneRecord` objects.
+
+Reads the multi-scene root format (``docs/DATA_FORMAT.md``): one sub-folder per scene, each with a
+nerfstudio-style ``transforms.json``, or a single scene folder. Everything is validated up front (files exist,
+fields are present and well-formed, images of one camera share a size, depth maps and sky masks match their
+image) so that a bad file is reported in seconds, naming the file and the field.
+
+Poses are converted exactly once from OpenGL to OpenCV (:mod:`evolsplat_ns.cameras`) and re-expressed relative
+to the first front-camera image; nothing is rescaled (poses stay metric).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from evolsplat_ns.cameras import intrinsics_matrix, opengl_to_opencv, rigid_inverse
+from evolsplat_ns.data.errors import DataValidationError
+from evolsplat_ns.data.records import SKY_0_IS_SKY, SKY_255_IS_SKY, ImageRecord, SceneRecord
+
+logger = logging.getLogger(__name__)
+
+TRANSFORMS = "transforms.json"
+_INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
+
+
+def find_scene_dirs(root: Path) -> List[Path]:
+    """Scene folders of a data root: the root itself if it holds ``transforms.json``, else its sub-folders that do.
+
+    Raises :class:`DataValidationError` for a missing or empty root.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataValidationError(root, None, "an existing data folder (a multi-scene root or a scene folder)")
+    if not root.is_dir():
+        raise DataValidationError(root, None, "a folder, not a file")
+    if (root / TRANSFORMS).exists():
+        return [root]
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    scenes = [p for p in subdirs if (p / TRANSFORMS).exists()]
+    if not scenes:
+        if subdirs:
+            raise DataValidationError(
+                root, None, f"scene sub-folders each holding {TRANSFORMS}", f"{len(subdirs)} folders without one"
+            )
+        raise DataValidationError(root, None, f"scene sub-folders with {TRANSFORMS}", "an empty folder")
+    missing = [p.name for p in subdirs if not (p / TRANSFORMS).exists()]
+    if missing:
+        logger.warning("Ignoring %d folders of %s without %s: %s", len(missing), root, TRANSFORMS, ", ".join(missing))
+    return scenes
+
+
+def _number(path: Path, where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise DataValidationError(path, where, "a finite number", repr(value))
+    return float(value)
+
+
+def _pose(path: Path, where: str, value: Any) -> np.ndarray:
+    try:
+        T = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataValidationError(path, where, "a 4x4 matrix of numbers", repr(value)[:80]) from None
+    if T.shape == (3, 4):
+        T = np.concatenate([T, [[0.0, 0.0, 0.0, 1.0]]], axis=0)
+    if T.shape != (4, 4):
+        raise DataValidationError(path, where, "a 4x4 (or 3x4) matrix", f"shape {T.shape}")
+    if not np.all(np.isfinite(T)):
+        raise DataValidationError(path, where, "finite values", "NaN or inf")
+    R = T[:3, :3]
+    if not np.allclose(R.T @ R, np.eye(3), atol=1e-3) or abs(np.linalg.det(R) - 1.0) > 1e-3:
+        raise DataValidationError(path, where, "a rigid camera-to-world transform (orthonormal rotation, det +1)")
+    if not np.allclose(T[3], [0, 0, 0, 1], atol=1e-6):
+        raise DataValidationError(path, where, "last row [0, 0, 0, 1]", T[3].tolist())
+    return T
+
+
+def _image_size(path: Path, where: str) -> Tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        raise DataValidationError(path, where, "an existing image file", "missing file")
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size  # (w, h)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataValidationError(path, where, "a readable image", type(e).__name__) from None
+
+
+def _depth_shape(path: Path, where: str) -> Tuple[int, int]:
+    if not path.exists():
+        raise DataValidationError(path, where, "an existing depth file (.npy metres or 16-bit .png millimetres)", "missing")
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except Exception as e:  # noqa: BLE001 - any failure to parse is a bad file
+            raise DataValidationError(path, where, "a readable .npy array", type(e).__name__) from None
+        shape = arr.shape
+        if len(shape) == 3 and shape[-1] == 1:
+            shape = shape[:2]
+        if len(shape) != 2:
+            raise DataValidationError(path, where, "a depth map of shape [H, W]", f"shape {arr.shape}")
+        return (shape[1], shape[0])
+    return _image_size(path, where)
+
+
+def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True) -> SceneRecord:
+    """Parse and validate one scene folder into a :class:`SceneRecord` (project frame, OpenCV)."""
+    tf_path = scene_dir / TRANSFORMS
+    if not tf_path.exists():
+        raise DataValidationError(tf_path, None, "a transforms.json file", "missing file")
+    try:
+        meta = json.loads(tf_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataValidationError(tf_path, None, "valid JSON", f"{e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(meta, dict):
+        raise DataValidationError(tf_path, None, "a JSON object at the top level", type(meta).__name__)
+    frames = meta.get("frames")
+    if not isinstance(frames, list) or not frames:
+        raise DataValidationError(tf_path, "frames", "a non-empty list of frames", repr(frames)[:60])
+
+    convention = meta.get("sky_mask_convention", SKY_255_IS_SKY)
+    if convention not in (SKY_255_IS_SKY, SKY_0_IS_SKY):
+        raise DataValidationError(tf_path, "sky_mask_convention", f"'{SKY_255_IS_SKY}' or '{SKY_0_IS_SKY}'", convention)
+
+    n_cams_declared = len({f.get("camera", 0) for f in frames if isinstance(f, dict)})
+    parsed = []
+    for i, fr in enumerate(frames):
+        where = f"frames[{i}]"
+        if not isinstance(fr, dict):
+            raise DataValidationError(tf_path, where, "an object", type(fr).__name__)
+        if "file_path" not in fr:
+            raise DataValidationError(tf_path, f"{where}.file_path", "an image path relative to the scene folder")
+        if "transform_matrix" not in fr:
+            raise DataValidationError(tf_path, f"{where}.transform_matrix", "a 4x4 OpenGL camera-to-world matrix")
+        intr = {}
+        for k in _INTRINSIC_KEYS:
+            v = fr.get(k, meta.get(k))
+            if v is None:
+                raise DataValidationError(tf_path, f"{where}.{k}", f"intrinsic '{k}' in the frame or at the top level")
+            intr[k] = _number(tf_path, f"{where}.{k}" if k in fr else k, v)
+        if intr["fl_x"] <= 0 or intr["fl_y"] <= 0 or intr["w"] < 1 or intr["h"] < 1:
+            raise DataValidationError(tf_path, f"{where}.fl_x/fl_y/w/h", "positive focal lengths and image size")
+        cam = fr.get("camera", 0)
+        if isinstance(cam, bool) or not isinstance(cam, int) or cam < 0:
+            raise DataValidationError(tf_path, f"{where}.camera", "a non-negative integer camera id", repr(cam))
+        if "timestep" in fr:
+            ts = fr["timestep"]
+            if isinstance(ts, bool) or not isinstance(ts, int):
+                raise DataValidationError(tf_path, f"{where}.timestep", "an integer", repr(ts))
+        elif n_cams_declared == 1:
+            ts = i
+        else:
+            raise DataValidationError(tf_path, f"{where}.timestep", "an integer timestep (required with several cameras)")
+        c2w_gl = _pose(tf_path, f"{where}.transform_matrix", fr["transform_matrix"])
+        parsed.append((ts, cam, fr, intr, c2w_gl, where))
+
+    timesteps = sorted({p[0] for p in parsed})
+    camera_ids = sorted({p[1] for p in parsed})
+    grid: Dict[Tuple[int, int], tuple] = {}
+    for p in parsed:
+        key = (p[0], p[1])
+        if key in grid:
+            raise DataValidationError(tf_path, f"{p[5]}", f"one image per (timestep, camera); duplicate of {grid[key][5]}")
+        grid[key] = p
+    for ts in timesteps:
+        for cam in camera_ids:
+            if (ts, cam) not in grid:
+                raise DataValidationError(
+                    tf_path, "frames", f"an image for every camera at every timestep", f"none for camera {cam} at timestep {ts}"
+                )
+    front = 0 if 0 in camera_ids else camera_ids[0]
+    first_front = grid[(timesteps[0], front)]
+    align = rigid_inverse(opengl_to_opencv(first_front[4]))  # data world -> project frame
+
+    images: List[ImageRecord] = []
+    cam_sizes: Dict[int, Tuple[int, int, str]] = {}
+    for t_idx, ts in enumerate(timesteps):
+        for cam in camera_ids:
+            _, _, fr, intr, c2w_gl, where = grid[(ts, cam)]
+            img_path = scene_dir / fr["file_path"]
+            w, h = int(round(intr["w"])), int(round(intr["h"]))
+            if check_files:
+                size = _image_size(img_path, f"{where}.file_path (in {tf_path})")
+                if size != (w, h):
+                    raise DataValidationError(img_path, f"{where}.w/h", f"an image of {w}x{h} (from {TRANSFORMS})", f"{size[0]}x{size[1]}")
+                if cam in cam_sizes and cam_sizes[cam][:2] != size:
+                    raise DataValidationError(
+                        img_path, f"{where}", f"images of camera {cam} all of one size ({cam_sizes[cam][0]}x{cam_sizes[cam][1]}, as {cam_sizes[cam][2]})", f"{size[0]}x{size[1]}"
+                    )
+                cam_sizes.setdefault(cam, (size[0], size[1], str(img_path)))
+            depth_path = scene_dir / fr["depth_file_path"] if fr.get("depth_file_path") else None
+            sky_path = scene_dir / fr["sky_mask_path"] if fr.get("sky_mask_path") else None
+            if check_files and depth_path is not None:
+                dsize = _depth_shape(depth_path, f"{where}.depth_file_path")
+                if dsize != (w, h):
+                    raise DataValidationError(depth_path, f"{where}.depth_file_path", f"a depth map of {h}x{w} (H x W) like its image", f"{dsize[1]}x{dsize[0]}")
+            if check_files and sky_path is not None:
+                ssize = _image_size(sky_path, f"{where}.sky_mask_path")
+                if ssize != (w, h):
+                    raise DataValidationError(sky_path, f"{where}.sky_mask_path", f"a mask of {w}x{h} like its image", f"{ssize[0]}x{ssize[1]}")
+            c2w = align @ opengl_to_opencv(c2w_gl)
+            images.append(
+                ImageRecord(
+                    image_path=img_path,
+                    frame_index=t_idx,
+                    camera_id=cam,
+                    timestep=ts,
+                    c2w=c2w,
+                    K=intrinsics_matrix(intr["fl_x"], intr["fl_y"], intr["cx"], intr["cy"]),
+                    width=w,
+                    height=h,
+                    depth_path=depth_path,
+                    sky_mask_path=sky_path,
+                )
+            )
+    ply = meta.get("ply_file_path")
+    ply_path = scene_dir / ply if ply else None
+    if check_files and ply_path is not None and not ply_path.exists():
+        raise DataValidationError(tf_path, "ply_file_path", "an existing PLY file", f"missing {ply_path}")
+    names = meta.get("camera_names")
+    return SceneRecord(
+        scene_id=scene_id,
+        name=scene_dir.name,
+        root=scene_dir,
+        images=images,
+        camera_ids=camera_ids,
+        num_frames=len(timesteps),
+        align=align,
+        seed_ply_path=ply_path,
+        sky_mask_convention=convention,
+        front_camera_id=front,
+        metadata={"camera_names": list(names) if isinstance(names, list) else None, "transforms": str(tf_path)},
+    )
+
+
+def load_scenes(root: Path, scene_ids: Optional[Sequence[int]] = None, check_files: bool = True) -> List[SceneRecord]:
+    """Parse the scenes of a data root. ``scene_ids`` (positions in the sorted scene list) restricts which."""
+    dirs = find_scene_dirs(Path(root))
+    ids = list(range(len(dirs))) if scene_ids is None else list(scene_ids)
+    for i in ids:
+        if not 0 <= i < len(dirs):
+            raise DataValidationError(root, "scene ids", f"scene ids in [0, {len(dirs) - 1}] ({len(dirs)} scenes)", i)
+    return [parse_scene(dirs[i], i, check_files=check_files) for i in ids]
+
+
+def split_scene_ids(
+    num_scenes: int, train_scene_ids: Optional[Sequence[int]], eval_scene_ids: Optional[Sequence[int]], root: Path
+) -> Tuple[List[int], List[int]]:
+    """Train/eval scene ids. Default: the last scene is held out for evaluation (all scenes train if only one)."""
+    def check(ids: Sequence[int], name: str) -> List[int]:
+        out = []
+        for i in ids:
+            if not 0 <= int(i) < num_scenes:
+                raise DataValidationError(root, name, f"scene ids in [0, {num_scenes - 1}] ({num_scenes} scenes found)", int(i))
+            out.append(int(i))
+        return out
+
+    if eval_scene_ids is None:
+        ev = [num_scenes - 1] if num_scenes > 1 else []
+    else:
+        ev = check(eval_scene_ids, "eval_scene_ids")
+    if train_scene_ids is None:
+        tr = [i for i in range(num_scenes) if i not in ev] or list(range(num_scenes))
+    else:
+        tr = check(train_scene_ids, "train_scene_ids")
+    if not tr:
+        raise DataValidationError(root, "train_scene_ids", "at least one training scene")
+    return tr, ev

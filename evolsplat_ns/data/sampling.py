@@ -1,0 +1,127 @@
+"""Which views of a segment are the network's input (sources) and which supervise it (targets).
+
+Kept apart from file reading (``views.py``) and from the model, as in MVSplat. A selection picks
+``num_source_keyframes`` keyframes spread over the segment and ``num_target_keyframes`` others, one frame from
+each; every camera of a chosen frame is used (frame-major, then camera). Targets are frames other than the
+sources unless ``targets_include_sources``.
+
+Training selections are random but a pure function of ``(seed, step)``; evaluation selections (``rng=None``)
+are fixed: the middle of each stratum, evenly spaced targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AbstractSet, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from evolsplat_ns.data.errors import ConfigError
+from evolsplat_ns.data.scene_index import Keyframe, Segment
+
+
+@dataclass(frozen=True)
+class ViewSelection:
+    """Chosen keyframes and frames (scene-level indices), each list in time order."""
+
+    source_keyframes: Tuple[int, ...]
+    source_frames: Tuple[int, ...]
+    target_keyframes: Tuple[int, ...]
+    target_frames: Tuple[int, ...]
+
+
+def _pick(options: Sequence[int], rng: Optional[np.random.Generator]) -> int:
+    if rng is None:
+        return options[(len(options) - 1) // 2]
+    return options[int(rng.integers(len(options)))]
+
+
+def select_views(
+    keyframes: Sequence[Keyframe],
+    segment: Segment,
+    num_source_keyframes: int,
+    num_target_keyframes: int,
+    rng: Optional[np.random.Generator] = None,
+    input_frames: Optional[AbstractSet[int]] = None,
+    target_frames: Optional[AbstractSet[int]] = None,
+    targets_include_sources: bool = False,
+) -> ViewSelection:
+    """Select source and target frames of one segment.
+
+    Args:
+        keyframes: all keyframes of the scene (indexed by ``Keyframe.index``).
+        segment: the segment to draw from.
+        rng: random generator for training; ``None`` gives the fixed evaluation selection.
+        input_frames: frames allowed as sources (``None``: all). Evaluation scenes pass their input frames so
+            that held-out test frames never reach the network.
+        target_frames: frames allowed as targets (``None``: all).
+    """
+    kfs = [keyframes[i] for i in segment.keyframe_indices]
+    where = f"scene {segment.scene_id} segment {segment.segment_id}"
+    if num_source_keyframes < 1 or num_target_keyframes < 1:
+        raise ConfigError("num_source_keyframes and num_target_keyframes must be >= 1")
+    if num_source_keyframes > len(kfs):
+        raise ConfigError(
+            f"{where}: num_source_keyframes={num_source_keyframes} but the segment has only {len(kfs)} keyframes"
+        )
+
+    def allowed_inputs(kf: Keyframe) -> List[int]:
+        return [t for t in kf.frame_indices if input_frames is None or t in input_frames]
+
+    # Sources: one per stratum of consecutive keyframes, so that they spread over the segment.
+    strata = np.array_split(np.arange(len(kfs)), num_source_keyframes)
+    src_kf: List[int] = []
+    src_fr: List[int] = []
+    for stratum in strata:
+        cands = [int(p) for p in stratum if allowed_inputs(kfs[int(p)])]
+        if not cands:  # fall back to any unused keyframe with input frames
+            cands = [p for p in range(len(kfs)) if allowed_inputs(kfs[p]) and kfs[p].index not in src_kf]
+        if not cands:
+            raise ConfigError(
+                f"{where}: cannot find {num_source_keyframes} keyframes with input frames "
+                f"(keyframes {list(segment.keyframe_indices)}); lower num_source_keyframes"
+            )
+        p = _pick(cands, rng)
+        src_kf.append(kfs[p].index)
+        src_fr.append(_pick(allowed_inputs(kfs[p]), rng))
+    sources = set(src_fr)
+
+    def allowed_targets(kf: Keyframe) -> List[int]:
+        out = [t for t in kf.frame_indices if target_frames is None or t in target_frames]
+        if not targets_include_sources:
+            out = [t for t in out if t not in sources]
+        return out
+
+    cands = [p for p in range(len(kfs)) if allowed_targets(kfs[p])]
+    if len(cands) < num_target_keyframes:
+        raise ConfigError(
+            f"{where}: num_target_keyframes={num_target_keyframes} but only {len(cands)} keyframes have frames "
+            f"that are not sources; lower num_target_keyframes, use longer segments (keyframes_per_segment) "
+            f"or set targets_include_sources"
+        )
+    if rng is None:
+        chosen = [cands[int(round(x))] for x in np.linspace(0, len(cands) - 1, num_target_keyframes)]
+    else:
+        chosen = sorted(int(x) for x in rng.choice(cands, size=num_target_keyframes, replace=False))
+    tgt_kf = [kfs[p].index for p in chosen]
+    tgt_fr = [_pick(allowed_targets(kfs[p]), rng) for p in chosen]
+    return ViewSelection(tuple(src_kf), tuple(src_fr), tuple(tgt_kf), tuple(tgt_fr))
+
+
+def min_target_candidates(keyframes: Sequence[Keyframe], segment: Segment, num_source_keyframes: int,
+                          input_frames: Optional[AbstractSet[int]], target_frames: Optional[AbstractSet[int]],
+                          targets_include_sources: bool) -> int:
+    """Worst case over source choices of the number of keyframes that can still give a target frame."""
+    n = 0
+    worst_loss = 0
+    for i in segment.keyframe_indices:
+        kf = keyframes[i]
+        tg = [t for t in kf.frame_indices if target_frames is None or t in target_frames]
+        if not tg:
+            continue
+        n += 1
+        ins = [t for t in kf.frame_indices if input_frames is None or t in input_frames]
+        # A source taken from this keyframe removes it as a target candidate iff it is its only target frame.
+        if not targets_include_sources and len(tg) == 1 and tg[0] in ins:
+            worst_loss += 1
+    return n - min(worst_loss, num_source_keyframes)

@@ -1,0 +1,139 @@
+"""Reading a scene's images and depth maps, cached decoded in memory.
+
+:class:`SceneCache` decodes every image (uint8) and depth map (float32) of a scene the first time the scene is
+used and keeps up to ``capacity`` scenes (least recently used evicted), so that steady-state batches read
+nothing from disk. :func:`assemble_views` turns a frame selection into a :class:`Views`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from evolsplat_ns.cameras import k_to_4x4
+from evolsplat_ns.data.batch import Views
+from evolsplat_ns.data.errors import DataValidationError
+from evolsplat_ns.data.records import SceneRecord
+
+logger = logging.getLogger(__name__)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """[H, W, 3] uint8 RGB."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_depth(path: Path) -> np.ndarray:
+    """[H, W] float32 metres. ``.npy`` holds metres; a 16-bit PNG holds millimetres."""
+    if path.suffix == ".npy":
+        d = np.load(path).astype(np.float32)
+        if d.ndim == 3 and d.shape[-1] == 1:
+            d = d[..., 0]
+    else:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            d = np.asarray(im, dtype=np.float32) / 1000.0
+    if d.ndim != 2:
+        raise DataValidationError(path, "depth", "a depth map of shape [H, W]", f"shape {d.shape}")
+    return d
+
+
+@dataclass
+class SceneArrays:
+    """Decoded images and depth of one scene on a (frame, camera) grid."""
+
+    images: torch.Tensor
+    """[T, C, H, W, 3] uint8."""
+    depth: Optional[torch.Tensor]
+    """[T, C, H, W] float32, or None if the scene has no depth maps."""
+
+
+class SceneCache:
+    """LRU cache of decoded scenes."""
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = max(1, int(capacity))
+        self._data: "OrderedDict[int, SceneArrays]" = OrderedDict()
+        self.loads = 0
+
+    def __contains__(self, scene_id: int) -> bool:
+        return scene_id in self._data
+
+    def get(self, scene: SceneRecord) -> SceneArrays:
+        arrays = self._data.get(scene.scene_id)
+        if arrays is not None:
+            self._data.move_to_end(scene.scene_id)
+            return arrays
+        arrays = self._load(scene)
+        self._data[scene.scene_id] = arrays
+        self.loads += 1
+        while len(self._data) > self.capacity:
+            self._data.popitem(last=False)
+        return arrays
+
+    @staticmethod
+    def _load(scene: SceneRecord) -> SceneArrays:
+        first = scene.images[0]
+        sizes = {(r.width, r.height) for r in scene.images}
+        if len(sizes) > 1:
+            raise DataValidationError(
+                scene.root, "w/h", "all cameras of a scene to share one image size (batches stack their views)",
+                sorted(sizes),
+            )
+        T, C, H, W = scene.num_frames, scene.num_cameras, first.height, first.width
+        images = np.empty((T, C, H, W, 3), dtype=np.uint8)
+        has_depth = any(r.depth_path is not None for r in scene.images)
+        depth = np.zeros((T, C, H, W), dtype=np.float32) if has_depth else None
+        for t in range(T):
+            for c, rec in enumerate(scene.frame_images(t)):
+                img = read_image(rec.image_path)
+                if img.shape[:2] != (H, W):
+                    raise DataValidationError(rec.image_path, "image", f"an image of {W}x{H}", f"{img.shape[1]}x{img.shape[0]}")
+                images[t, c] = img
+                if depth is not None and rec.depth_path is not None:
+                    d = read_depth(rec.depth_path)
+                    if d.shape != (H, W):
+                        raise DataValidationError(rec.depth_path, "depth", f"a depth map of {H}x{W}", f"{d.shape}")
+                    depth[t, c] = d
+        return SceneArrays(torch.from_numpy(images), torch.from_numpy(depth) if depth is not None else None)
+
+
+def assemble_views(
+    scene: SceneRecord,
+    arrays: SceneArrays,
+    frames: Sequence[int],
+    keyframes: Sequence[int],
+    device: torch.device | str = "cpu",
+) -> Views:
+    """All cameras of ``frames`` (frame-major, then camera) as a :class:`Views` on ``device``."""
+    cams = scene.camera_ids
+    t_idx = torch.as_tensor(list(frames), dtype=torch.long)
+    imgs = arrays.images[t_idx]  # [F, C, H, W, 3]
+    F_, C, H, W, _ = imgs.shape
+    image = imgs.reshape(F_ * C, H, W, 3).to(device=device).float().div_(255.0)
+    if arrays.depth is not None:
+        depth = arrays.depth[t_idx].reshape(F_ * C, H, W).to(device)
+    else:
+        depth = torch.zeros(F_ * C, H, W, device=device)
+    recs = [scene.image(t, c) for t in frames for c in cams]
+    c2w = torch.as_tensor(np.stack([r.c2w for r in recs]), dtype=torch.float32, device=device)
+    K = torch.as_tensor(np.stack([k_to_4x4(r.K) for r in recs]), dtype=torch.float32, device=device)
+    return Views(
+        image=image,
+        extrinsics=c2w,
+        intrinsics=K,
+        depth=depth,
+        frame_indices=torch.as_tensor([r.frame_index for r in recs], dtype=torch.long, device=device),
+        cam_indices=torch.as_tensor([r.camera_id for r in recs], dtype=torch.long, device=device),
+        keyframe_indices=torch.as_tensor(list(keyframes), dtype=torch.long, device=device),
+    )

@@ -1,0 +1,91 @@
+"""The plugin as nerfstudio sees it: entry points, a light import that never fails, ns-train --help."""
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from scene_fixtures import write_root
+
+BIN = Path(sys.executable).parent
+
+
+def test_entry_points_registered():
+    methods = {e.name: e.value for e in entry_points(group="nerfstudio.method_configs")}
+    parsers = {e.name: e.value for e in entry_points(group="nerfstudio.dataparser_configs")}
+    assert methods["evolsplat-ff"] == "evolsplat_ns.configs:evolsplat_ff"
+    assert parsers["evolsplat-multiscene"] == "evolsplat_ns.data.registration:evolsplat_multiscene"
+
+
+def test_nerfstudio_discovers_the_method():
+    code = (
+        "from nerfstudio.configs.method_configs import all_methods, all_descriptions;"
+        "from nerfstudio.configs.dataparser_configs import all_dataparsers;"
+        "c = all_methods['evolsplat-ff'];"
+        "assert 'evolsplat-multiscene' in all_dataparsers;"
+        "assert 'splatfacto' in all_methods;"  # our plugin does not break the other methods
+        "print(type(c.pipeline.datamanager).__name__, c.pipeline.datamanager.num_source_keyframes)"
+    )
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["EvolSplatDataManagerConfig", "3"]
+
+
+def test_import_is_light():
+    # the data side and the package root import neither nerfstudio's heavy parts nor open3d / gsplat
+    code = (
+        "import sys, evolsplat_ns, evolsplat_ns.cameras, evolsplat_ns.data.dataparser, evolsplat_ns.data.scene_index,"
+        " evolsplat_ns.data.sampling, evolsplat_ns.data.scheduler;"
+        "bad = [m for m in ('open3d', 'gsplat', 'nerfstudio') if m in sys.modules]; assert not bad, bad;"
+        "import evolsplat_ns.configs; assert 'open3d' not in sys.modules"
+    )
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+
+
+def test_ns_train_help_lists_data_options():
+    out = subprocess.run([str(BIN / "ns-train"), "evolsplat-ff", "--help"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    for opt in ("num-source-keyframes", "num-target-keyframes", "segment-overlap-ratio", "min-keyframes-per-scene",
+                "min-keyframes-per-segment", "batches-per-segment", "segment-order", "scene-order",
+                "train-scene-ids", "eval-scene-ids", "targets-include-sources", "cache-scenes"):
+        assert f"--pipeline.datamanager.{opt}" in out.stdout or f"--pipeline.datamanager.dataparser.{opt}" in out.stdout, opt
+
+
+def test_config_dataclasses_have_no_shared_mutable_defaults():
+    from evolsplat_ns.configs import make_trainer_config
+
+    a, b = make_trainer_config(), make_trainer_config()
+    assert a.pipeline.datamanager is not b.pipeline.datamanager
+    assert a.pipeline.datamanager.dataparser is not b.pipeline.datamanager.dataparser
+
+
+def test_inspect_json(tmp_path):
+    root = write_root(tmp_path / "r", num_scenes=2, num_frames=30, num_cams=2, size=(8, 12))
+    out = subprocess.run([str(BIN / "evolsplat-ns-inspect"), "--data", str(root), "--json"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)
+    assert [sc["scene_id"] for sc in s["scenes"]] == [0, 1]
+    for sc in s["scenes"]:
+        assert sc["num_frames"] == 30 and sc["num_cameras"] == 2 and sc["num_keyframes"] == 15
+        covered = set()
+        for seg in sc["segments"]:
+            covered |= set(seg["keyframe_indices"])
+            assert len(seg["aabb"]) == 2 and len(seg["aabb"][0]) == 3
+        assert covered == set(range(sc["num_keyframes"]))
+    sb = s["sample_batch"]
+    assert sb["source"]["image"] == [6, 8, 12, 3] and sb["target"]["image"] == [12, 8, 12, 3]
+
+
+def test_inspect_bad_input_is_one_line(tmp_path):
+    out = subprocess.run([str(BIN / "evolsplat-ns-inspect"), "--data", str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "missing" in lines[0] and "Traceback" not in out.stderr

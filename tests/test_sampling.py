@@ -1,0 +1,74 @@
+"""Source/target selection: spread, novelty, determinism, held-out frames."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evolsplat_ns.data.errors import ConfigError
+from evolsplat_ns.data.sampling import select_views
+from evolsplat_ns.data.scene_index import Keyframe, Segment
+
+
+def _kfs(sizes):
+    out, t = [], 0
+    for i, n in enumerate(sizes):
+        out.append(Keyframe(i, t, t + n))
+        t += n
+    return out
+
+
+def _seg(kfs, ids=None):
+    ids = list(range(len(kfs))) if ids is None else ids
+    frames = tuple(t for i in ids for t in kfs[i].frame_indices)
+    return Segment(0, 0, tuple(ids), frames, ((0, 0, 0), (1, 1, 1)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(sizes=st.lists(st.integers(1, 4), min_size=8, max_size=16), seed=st.integers(0, 10_000),
+       n_src=st.integers(1, 4), n_tgt=st.integers(1, 4))
+def test_selection_properties(sizes, seed, n_src, n_tgt):
+    kfs = _kfs(sizes)
+    seg = _seg(kfs)
+    sel = select_views(kfs, seg, n_src, n_tgt, rng=np.random.default_rng(seed))
+    assert len(sel.source_frames) == n_src and len(sel.target_frames) == n_tgt
+    assert not set(sel.source_frames) & set(sel.target_frames)  # novel-view supervision
+    for kf, fr in zip(sel.source_keyframes + sel.target_keyframes, sel.source_frames + sel.target_frames):
+        assert kfs[kf].start <= fr < kfs[kf].stop  # one frame from its keyframe
+    assert list(sel.source_keyframes) == sorted(set(sel.source_keyframes))  # distinct, time order
+    assert list(sel.target_keyframes) == sorted(set(sel.target_keyframes))
+    # sources spread: one per stratum of consecutive keyframes
+    strata = np.array_split(np.arange(len(kfs)), n_src)
+    for s, kf in zip(strata, sel.source_keyframes):
+        assert kf in s
+    # deterministic for the same rng seed
+    assert sel == select_views(kfs, seg, n_src, n_tgt, rng=np.random.default_rng(seed))
+
+
+def test_eval_selection_is_fixed_and_respects_holdout():
+    kfs = _kfs([2] * 10)
+    seg = _seg(kfs)
+    even = {t for t in range(20) if t % 2 == 0}
+    odd = set(range(20)) - even
+    a = select_views(kfs, seg, 3, 6, rng=None, input_frames=even, target_frames=odd)
+    b = select_views(kfs, seg, 3, 6, rng=None, input_frames=even, target_frames=odd)
+    assert a == b
+    assert all(t in even for t in a.source_frames) and all(t in odd for t in a.target_frames)
+    for seed in range(20):
+        s = select_views(kfs, seg, 3, 6, rng=np.random.default_rng(seed), input_frames=even, target_frames=odd)
+        assert all(t in even for t in s.source_frames) and all(t in odd for t in s.target_frames)
+
+
+def test_targets_may_include_sources_when_asked():
+    kfs = _kfs([1] * 6)
+    seg = _seg(kfs)
+    with pytest.raises(ConfigError, match="num_target_keyframes=6"):
+        select_views(kfs, seg, 3, 6, rng=np.random.default_rng(0))
+    sel = select_views(kfs, seg, 3, 6, rng=np.random.default_rng(0), targets_include_sources=True)
+    assert set(sel.source_frames) <= set(sel.target_frames)
+
+
+def test_too_many_sources_is_a_clear_error():
+    kfs = _kfs([2] * 6)
+    with pytest.raises(ConfigError, match="num_source_keyframes=7.*only 6 keyframes"):
+        select_views(kfs, _seg(kfs), 7, 1, rng=None)

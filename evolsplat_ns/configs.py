@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
-from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
+from evolsplat_ns.engine.schedulers import FloatExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
@@ -35,11 +35,11 @@ def make_trainer_config() -> TrainerConfig:
         optimizers={
             "networks": {
                 "optimizer": AdamOptimizerConfig(lr=1e-3, eps=1e-15),
-                "scheduler": ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=30000),
+                "scheduler": FloatExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=30000),
             },
             "sparse_conv": {
                 "optimizer": AdamOptimizerConfig(lr=1e-3, eps=1e-15),
-                "scheduler": ExponentialDecaySchedulerConfig(lr_final=5e-7, warmup_steps=500, max_steps=30000),
+                "scheduler": FloatExponentialDecaySchedulerConfig(lr_final=5e-7, warmup_steps=500, max_steps=30000),
             },
         },
         viewer=ViewerConfig(num_rays_per_chunk=1 << 15, quit_on_train_completion=True),

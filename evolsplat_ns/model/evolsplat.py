@@ -1,15 +1,37 @@
-"""The EVolSplat model (nerfstudio ``Model``).
+"""The EVolSplat model (nerfstudio ``Model``): encoder -> Gaussian heads -> renderer.
 
-The configuration carries the reference method's constants (SPEC). The network itself arrives with the model
-issue; until then setting the model up raises a clear error instead of training something else.
+Per batch (``extract_shared``, once): voxelise the segment's seed points, run the sparse U-Net, sample its
+features trilinearly at ``point + cached offset`` straight from the sparse voxels, sample the image-window
+features of every point in the source views, keep the points seen by enough source samples (projection mask),
+and predict the offset (written back to the segment's offset cache during training).
+
+Per target view (``render_view``): distance and direction from the target camera, the colour / geometry /
+opacity heads, the foreground Gaussians rasterized, the background hemisphere rasterized, composited
+``fg + (1 - alpha_fg) * bg`` and clamped to [0, 1].
+
+Only ``f3`` (volume features of the kept points) and ``means`` (points + predicted offset) carry gradient from
+the shared part to the per-view part; the train step cuts the graph there (``evolsplat_ns.pipeline``).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Literal, Tuple, Type
+from typing import Callable, Dict, List, Literal, Optional, Tuple, Type
 
+import torch
+import torch.nn.functional as F
+from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.models.base_model import Model, ModelConfig
+from torch import Tensor
+from torch.nn import Parameter
+
+from evolsplat_ns.cameras import from_nerfstudio_cameras
+from evolsplat_ns.data.batch import SegmentBatch, Views
+from evolsplat_ns.model.background import HemisphereBackground
+from evolsplat_ns.model.heads import GaussianHeads, view_inputs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -17,8 +39,11 @@ class EvolSplatModelConfig(ModelConfig):
     """EVolSplat: sparse volume encoder + image-window features + Gaussian heads + background."""
 
     _target: Type = field(default_factory=lambda: EvolSplatModel)
+    enable_collider: bool = False
     voxel_size: float = 0.1
     """Voxel size of the sparse feature volume (metres)."""
+    volume_dim: int = 16
+    """Channels of the sparse U-Net output."""
     local_radius: int = 1
     """Window radius R of the image-window features ((2R+1)^2 samples per source view)."""
     sh_degree: int = 1
@@ -30,21 +55,227 @@ class EvolSplatModelConfig(ModelConfig):
     volume_sampling: Literal["sparse", "dense"] = "sparse"
     """Sample the feature volume straight from the sparse voxels, or densify it like the reference."""
     freeze_volume: bool = False
-    """Compute the feature volume of a segment once and keep it frozen."""
+    """Compute a segment's feature volume once (no gradient to the U-Net) and reuse it for its later batches."""
+    num_source_views: Optional[int] = None
+    """Source views per batch (source keyframes x cameras); taken from the data when None."""
     bg_num_points: int = 700 * 700
-    """Points of the background hemisphere."""
+    """Points of the full Fibonacci sphere whose upper half is the background hemisphere."""
     bg_radius: float = 100.0
     bg_center: Tuple[float, float, float] = (0.0, 3.8, 5.6)
+    """Hemisphere centre in the OpenCV frame of the segment's middle source camera (metres)."""
     ssim_lambda: float = 0.2
+    """Loss = (1 - ssim_lambda) L1 + ssim_lambda (1 - SSIM)."""
     entropy_weight: float = 0.1
     entropy_every: int = 10
+    """The accumulation-entropy term is added every this many steps."""
+    rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
+    """gsplat on CUDA, the pure-PyTorch reference rasterizer on the CPU (slow; tests and small demos)."""
+    max_points: Optional[int] = None
+    """Cap on Gaussians kept per segment (random subset), e.g. for small CPU runs."""
+
+
+@dataclass
+class SharedState:
+    """What ``extract_shared`` computes once per batch.
+
+    ``tensors`` carry gradient to the shared parameters (cut by the train step); ``aux`` does not.
+    """
+
+    tensors: Dict[str, Tensor]
+    """``f3`` [M, C] volume features, ``means`` [M, 3] points + predicted offset."""
+    aux: Dict[str, Tensor]
+    """``fw`` [M, V(2R+1)^2 4] window features, ``base_log_scale`` [M, 3], ``mask`` [N] kept points,
+    ``ref_c2w`` [4, 4] background reference camera."""
+    source: Views
 
 
 class EvolSplatModel(Model):
+    """See the module docstring."""
+
     config: EvolSplatModelConfig
 
     def populate_modules(self) -> None:
-        raise NotImplementedError(
-            "The EVolSplat network is not implemented yet in this version of evolsplat-ns (model issue #4). "
-            "The data side works: try `evolsplat-ns-inspect --data DIR`."
+        from evolsplat_ns.model.segment_state import SegmentStateStore
+        from evolsplat_ns.model.sparse import build_unet
+
+        meta = self.kwargs.get("metadata") or {}
+        V = self.config.num_source_views or int(meta.get("num_source_views", 3))
+        self.num_source_views = V
+        window = (2 * self.config.local_radius + 1) ** 2
+        self.encoder = build_unet(self.config.sparse_backend, in_channels=3, out_channels=self.config.volume_dim)
+        self.heads = GaussianHeads(self.config.volume_dim, V * window * 4, self.config.sh_degree,
+                                   self.config.offset_max)
+        self.background = HemisphereBackground(V, self.config.bg_num_points, self.config.bg_radius,
+                                               self.config.bg_center)
+        self.segments = SegmentStateStore()
+        self.step = 0
+        from torchmetrics.image import PeakSignalNoiseRatio
+
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self._lpips = None
+        self._lpips_failed = False
+        self._display: Optional[Tuple[SharedState, Tuple[int, int]]] = None
+
+    # ----------------------------------------------------------------------------------------------- nerfstudio
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        return {
+            "networks": list(self.heads.parameters()) + list(self.background.parameters()),
+            "sparse_conv": list(self.encoder.parameters()),
+        }
+
+    def step_cb(self, step: int) -> None:
+        self.step = step
+
+    def get_training_callbacks(self, training_callback_attributes):
+        from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+
+        return [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], self.step_cb)]
+
+    def update_to_step(self, step: int) -> None:
+        self.step = step
+
+    # ----------------------------------------------------------------------------------------------- shared part
+    def extract_shared(self, batch: SegmentBatch) -> SharedState:
+        """Shared extraction of one batch (the active segment's points and the batch's source views)."""
+        from evolsplat_ns.model.sparse import sample_volume, voxelize
+        from evolsplat_ns.model.window_features import sample_window_features
+
+        seg = self.segments.current
+        means0: Tensor = seg["means"]
+        offset: Tensor = seg["offset"]
+        src = batch.source
+        fw_all, _, mask = sample_window_features(means0, src.image, src.extrinsics, src.intrinsics, src.depth,
+                                                 radius=self.config.local_radius)
+        vox = self.segments.cached("voxels", lambda: voxelize(means0, seg["colours"], self.config.voxel_size))
+        if self.config.freeze_volume:
+            volume = self.segments.cached("frozen_volume", lambda: self._encode_frozen(vox))
+        else:
+            volume = self.encoder(vox.tensor(), cache=vox.kernel_maps)
+        idx = mask.nonzero().squeeze(-1)
+        f3 = sample_volume(volume, vox, means0[idx] + offset[idx], mode=self.config.volume_sampling)
+        new_offset = self.heads.predict_offset(f3)
+        if self.training:
+            self.segments.update_offset(idx, new_offset.detach())
+        means = means0[idx] + new_offset
+        n_frames = int(src.keyframe_indices.shape[0])
+        mid = (n_frames // 2) * (len(src) // n_frames)  # front camera of the middle source frame
+        return SharedState(
+            tensors={"f3": f3, "means": means},
+            aux={"fw": fw_all[idx], "base_log_scale": seg["log_scales"][idx], "mask": mask,
+                 "ref_c2w": src.extrinsics[mid]},
+            source=src,
         )
+
+    @torch.no_grad()
+    def _encode_frozen(self, vox):
+        return self.encoder(vox.tensor(), cache=vox.kernel_maps).detach()
+
+    # ----------------------------------------------------------------------------------------------- per view
+    def render_view(self, tensors: Dict[str, Tensor], shared: SharedState, c2w: Tensor, K: Tensor, height: int,
+                    width: int, render_depth: bool = False) -> Dict[str, Tensor]:
+        """Render one target view (OpenCV ``c2w`` [4,4], ``K`` [3|4,3|4]) from the shared tensors."""
+        from evolsplat_ns.model.render import render_gaussians
+
+        f3, means = tensors["f3"], tensors["means"]
+        dist, direction = view_inputs(means, c2w[:3, 3])
+        sh, dlog, quats, opa = self.heads.predict_view(f3, shared.aux["fw"], dist, direction)
+        scales = torch.exp(dlog + shared.aux["base_log_scale"])
+        K3 = K[:3, :3]
+        backend = self.config.rasterizer
+        fg = render_gaussians(means, quats, scales, torch.sigmoid(opa), sh, c2w, K3, width, height,
+                              sh_degree=self.config.sh_degree, render_depth=render_depth, backend=backend)
+        src = shared.source
+        bg_means, bg_rgb, bg_scales, bg_opa = self.background(shared.aux["ref_c2w"], c2w, src.image, src.extrinsics,
+                                                               src.intrinsics)
+        bg_quats = torch.zeros(bg_means.shape[0], 4, device=bg_means.device, dtype=bg_means.dtype)
+        bg_quats[:, 0] = 1.0
+        bg = render_gaussians(bg_means, bg_quats, bg_scales, bg_opa, bg_rgb, c2w, K3, width, height,
+                              backend=backend)
+        alpha = fg["alpha"]
+        rgb = torch.clamp(fg["rgb"] + (1.0 - alpha) * bg["rgb"], 0.0, 1.0)
+        out = {"rgb": rgb, "accumulation": alpha, "foreground": fg["rgb"], "background": bg["rgb"]}
+        if render_depth:
+            out["depth"] = fg["depth"]
+        return out
+
+    # ----------------------------------------------------------------------------------------------- losses
+    def view_loss(self, outputs: Dict[str, Tensor], gt: Tensor, step: Optional[int] = None) -> Dict[str, Tensor]:
+        """0.8 L1 + 0.2 (1 - SSIM), plus the accumulation entropy every ``entropy_every`` steps."""
+        from pytorch_msssim import ssim
+
+        pred = outputs["rgb"]
+        l1 = (pred - gt).abs().mean()
+        s = ssim(pred.permute(2, 0, 1)[None], gt.permute(2, 0, 1)[None], data_range=1.0, size_average=True,
+                 win_size=_ssim_window(pred.shape[0], pred.shape[1]))
+        lam = self.config.ssim_lambda
+        losses = {"main_loss": (1 - lam) * l1 + lam * (1 - s)}
+        step = self.step if step is None else step
+        if self.config.entropy_weight > 0 and step % self.config.entropy_every == 0:
+            a = outputs["accumulation"].clamp(1e-6, 1 - 1e-6)
+            ent = -(a * torch.log(a) + (1 - a) * torch.log(1 - a)).mean()
+            losses["entropy_loss"] = self.config.entropy_weight * ent
+        return losses
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
+        return self.view_loss(outputs, batch["image"])
+
+    @torch.no_grad()
+    def image_metrics(self, pred: Tensor, gt: Tensor) -> Dict[str, float]:
+        """PSNR, SSIM and (when its weights are available locally) LPIPS of one image pair [H, W, 3]."""
+        from pytorch_msssim import ssim
+
+        p, g = pred.permute(2, 0, 1)[None].clamp(0, 1), gt.permute(2, 0, 1)[None]
+        out = {
+            "psnr": float(self.psnr(p, g)),
+            "ssim": float(ssim(p, g, data_range=1.0, size_average=True, win_size=_ssim_window(*pred.shape[:2]))),
+        }
+        lp = self._lpips_metric()
+        if lp is not None:
+            out["lpips"] = float(lp(p * 2 - 1, g * 2 - 1))
+        return out
+
+    def _lpips_metric(self):
+        if self._lpips is None and not self._lpips_failed:
+            try:
+                from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+                self._lpips = LearnedPerceptualImagePatchSimilarity(normalize=False).to(self.device)
+            except Exception as e:  # noqa: BLE001 - weights missing offline: skip the metric, once, loudly
+                self._lpips_failed = True
+                logger.warning("LPIPS skipped: its AlexNet weights are not available locally (%s)", type(e).__name__)
+        return self._lpips
+
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
+        return {"psnr": self.psnr(outputs["rgb"].permute(2, 0, 1)[None], batch["image"].permute(2, 0, 1)[None])}
+
+    # ----------------------------------------------------------------------------------------------- viewer / eval
+    def set_display(self, shared: SharedState, key: Tuple[int, int]) -> None:
+        """The reconstruction that ``get_outputs_for_camera`` renders (viewer, ns-eval)."""
+        self._display = (shared, key)
+
+    def get_outputs(self, ray_bundle) -> Dict[str, Tensor]:
+        if not isinstance(ray_bundle, Cameras):
+            raise TypeError("EvolSplatModel renders cameras, not ray bundles")
+        return self.get_outputs_for_camera(ray_bundle)
+
+    @torch.no_grad()
+    def get_outputs_for_camera(self, camera: Cameras, obb_box=None) -> Dict[str, Tensor]:
+        if self._display is None:
+            raise RuntimeError("no reconstructed segment to display yet: the pipeline sets one (set_display)")
+        shared, _ = self._display
+        c2w, K = from_nerfstudio_cameras(camera.to(self.device))
+        H, W = int(camera.height.reshape(-1)[0]), int(camera.width.reshape(-1)[0])
+        return self.render_view(shared.tensors, shared, c2w[0].float(), K[0].float(), H, W, render_depth=True)
+
+    def get_image_metrics_and_images(self, outputs, batch):
+        gt = batch["image"].to(outputs["rgb"].device)
+        m = self.image_metrics(outputs["rgb"], gt)
+        return m, {"img": torch.cat([gt, outputs["rgb"]], dim=1), "accumulation": outputs["accumulation"]}
+
+
+def _ssim_window(h: int, w: int) -> int:
+    """pytorch_msssim needs the window to fit the image; 11 (the default) unless the image is tiny."""
+    win = 11
+    while win > 3 and (win > h or win > w):
+        win -= 2
+    return win

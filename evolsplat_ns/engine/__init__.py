@@ -1,0 +1,1 @@
+"""Small fixes to nerfstudio's training engine that the plugin needs."""

@@ -1,0 +1,82 @@
+"""Background of EVolSplat: a far hemisphere of Gaussians coloured from the source views.
+
+The reference places a Fibonacci hemisphere of 700^2 points of radius 100 m, centred at (0, 3.8, 5.6) in the
+OpenCV frame of the middle input camera (3.8 m below and 5.6 m ahead of it, so the dome covers the sky and the
+far background), and moves it along that frame's z axis with the target camera. Each point's colour and
+scale residual come from a small MLP (9 -> 64 -> 6, Tanh) over the RGB of the source views at the point's
+projection; opacity is 1. The result is composited behind the foreground: ``fg + (1 - alpha_fg) * bg``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+from evolsplat_ns.cameras import project_points
+from evolsplat_ns.model.heads import mlp
+
+
+def fibonacci_hemisphere(n: int, radius: float) -> Tensor:
+    """``[M, 3]`` points (M ≈ n/2) of a Fibonacci sphere of ``n`` points, upper half (y <= 0: y points down)."""
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    phi = torch.acos(1 - 2 * i / n)
+    theta = math.pi * (1 + 5**0.5) * i
+    pts = torch.stack([torch.cos(theta) * torch.sin(phi), torch.cos(phi), torch.sin(theta) * torch.sin(phi)], -1)
+    pts = pts[pts[:, 1] <= 0.0]
+    return (pts * radius).float()
+
+
+def sample_colours(points: Tensor, images: Tensor, c2w: Tensor, K: Tensor) -> Tuple[Tensor, Tensor]:
+    """Bilinear RGB of each source view at each point's projection.
+
+    Args:
+        points ``[N, 3]``, images ``[V, H, W, 3]``, c2w ``[V, 4, 4]`` OpenCV, K ``[V, 3|4, 3|4]``.
+    Returns:
+        colours ``[N, V * 3]`` (zero where invalid), valid ``[N, V]`` (in front of the camera and inside the image).
+    """
+    V, H, W, _ = images.shape
+    uv, z = project_points(points, c2w, K)  # [V, N, 2], [V, N]
+    valid = (z > 0) & (uv[..., 0] >= 0) & (uv[..., 0] <= W) & (uv[..., 1] >= 0) & (uv[..., 1] <= H)
+    grid = torch.stack([2 * uv[..., 0] / W - 1, 2 * uv[..., 1] / H - 1], -1).unsqueeze(1)  # [V, 1, N, 2]
+    rgb = torch.nn.functional.grid_sample(images.permute(0, 3, 1, 2), grid.to(images.dtype), mode="bilinear",
+                                          padding_mode="border", align_corners=False)  # [V, 3, 1, N]
+    rgb = rgb[:, :, 0].permute(2, 0, 1) * valid.T.unsqueeze(-1)  # [N, V, 3]
+    return rgb.reshape(points.shape[0], V * 3), valid.T
+
+
+class HemisphereBackground(nn.Module):
+    """Background Gaussians of one segment for one target view; see the module docstring."""
+
+    def __init__(self, num_views: int, num_points: int = 700 * 700, radius: float = 100.0,
+                 center: Tuple[float, float, float] = (0.0, 3.8, 5.6)) -> None:
+        super().__init__()
+        self.register_buffer("points", fibonacci_hemisphere(num_points, radius), persistent=False)
+        self.register_buffer("center", torch.tensor(center, dtype=torch.float32), persistent=False)
+        # Base scale: the spacing of the Fibonacci lattice (sphere area / points).
+        spacing = math.sqrt(4 * math.pi * radius**2 / max(num_points, 1))
+        self.base_log_scale = math.log(spacing)
+        self.colour = mlp([3 * num_views, 64, 6], out_act=nn.Tanh)
+
+    def forward(self, ref_c2w: Tensor, target_c2w: Tensor, src_images: Tensor, src_c2w: Tensor, src_K: Tensor):
+        """Background Gaussians in world coordinates for one target view.
+
+        Args:
+            ref_c2w ``[4, 4]``: the segment's reference camera (middle source frame, front camera).
+            target_c2w ``[4, 4]``: the target camera; the dome follows it along the reference z axis.
+        Returns:
+            means ``[M, 3]``, colours ``[M, 3]`` in [0, 1], scales ``[M, 3]`` (linear), opacities ``[M]`` (ones).
+        """
+        ref_c2w = ref_c2w.to(self.points.dtype)
+        target_in_ref = torch.linalg.solve(ref_c2w, target_c2w.to(ref_c2w.dtype))[:3, 3]
+        local = self.points + self.center + torch.stack(
+            [torch.zeros_like(target_in_ref[2]), torch.zeros_like(target_in_ref[2]), target_in_ref[2]])
+        world = local @ ref_c2w[:3, :3].T + ref_c2w[:3, 3]
+        feats, valid = sample_colours(world, src_images, src_c2w, src_K)
+        keep = valid.any(dim=1)
+        out = self.colour(feats[keep])
+        rgb = 0.5 * (out[:, :3] + 1.0)
+        scales = torch.exp(self.base_log_scale + out[:, 3:])  # Tanh residual: within e^(+-1) of the spacing
+        return world[keep], rgb, scales, torch.ones(int(keep.sum()), device=world.device, dtype=world.dtype)

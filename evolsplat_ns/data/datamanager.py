@@ -165,6 +165,14 @@ class EvolSplatDataManager(DataManager):
         self.cache = SceneCache(config.cache_scenes)
         self.train_dataparser_outputs = self.dataparser.get_dataparser_outputs(split="train")
         self.train_dataset = InputDataset(self.train_dataparser_outputs)
+        n_cams = {self.scenes[i].num_cameras for i in self.index}
+        if len(n_cams) != 1:
+            raise ConfigError(
+                f"all scenes used must have the same number of cameras (the network's input width depends on it); "
+                f"found {sorted(n_cams)}"
+            )
+        # The model's input width: source views per batch.
+        self.train_dataset.metadata["num_source_views"] = config.num_source_keyframes * n_cams.pop()
         self.eval_dataset = InputDataset(self.dataparser.get_dataparser_outputs(split="test"))
         super().__init__()
 

@@ -11,12 +11,12 @@ from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from evolsplat_ns.engine.schedulers import FloatExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
-from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from evolsplat_ns.data.datamanager import EvolSplatDataManagerConfig
 from evolsplat_ns.data.ns_dataparser import EvolSplatDataParserConfig
 from evolsplat_ns.model.evolsplat import EvolSplatModelConfig
+from evolsplat_ns.pipeline.pipeline import EvolSplatPipelineConfig
 
 
 def make_trainer_config() -> TrainerConfig:
@@ -28,7 +28,7 @@ def make_trainer_config() -> TrainerConfig:
         steps_per_save=2000,
         max_num_iterations=50000,
         mixed_precision=False,
-        pipeline=VanillaPipelineConfig(
+        pipeline=EvolSplatPipelineConfig(
             datamanager=EvolSplatDataManagerConfig(dataparser=EvolSplatDataParserConfig()),
             model=EvolSplatModelConfig(),
         ),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Literal, Optional, Tuple, Type
 
 import torch
@@ -30,6 +31,7 @@ from evolsplat_ns.cameras import from_nerfstudio_cameras
 from evolsplat_ns.data.batch import SegmentBatch, Views
 from evolsplat_ns.model.background import HemisphereBackground
 from evolsplat_ns.model.heads import GaussianHeads, view_inputs
+from evolsplat_ns.pointcloud.options import PointCloudOptions
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +72,12 @@ class EvolSplatModelConfig(ModelConfig):
     """The accumulation-entropy term is added every this many steps."""
     rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
     """gsplat on CUDA, the pure-PyTorch reference rasterizer on the CPU (slow; tests and small demos)."""
-    max_points: Optional[int] = None
-    """Cap on Gaussians kept per segment (random subset), e.g. for small CPU runs."""
+    pointcloud: PointCloudOptions = field(default_factory=PointCloudOptions)
+    """How each segment's seed point cloud is built (generator, sparsity, sky filter, boxes, max_points...)."""
+    pointcloud_cache_dir: Optional[Path] = None
+    """Where segment clouds are cached (default: <data>/.evolsplat_cache); reused across runs."""
+    resident_segments: int = 2
+    """Segments whose state stays on the GPU; the others wait on the CPU."""
 
 
 @dataclass
@@ -107,7 +113,7 @@ class EvolSplatModel(Model):
                                    self.config.offset_max)
         self.background = HemisphereBackground(V, self.config.bg_num_points, self.config.bg_radius,
                                                self.config.bg_center)
-        self.segments = SegmentStateStore()
+        self.segments = SegmentStateStore(resident_segments=self.config.resident_segments)
         self.step = 0
         from torchmetrics.image import PeakSignalNoiseRatio
 
@@ -133,6 +139,19 @@ class EvolSplatModel(Model):
 
     def update_to_step(self, step: int) -> None:
         self.step = step
+
+    # ----------------------------------------------------------------------------------------------- segments
+    def init_segment(self, scene, segment, input_frames, data_root) -> Dict[str, Tensor]:
+        """State of a segment seen for the first time: its cloud (cached on disk) -> initial Gaussians."""
+        from evolsplat_ns.pointcloud.cache import segment_pointcloud
+        from evolsplat_ns.pointcloud.init import init_gaussians
+
+        pc = segment_pointcloud(scene, segment, self.config.pointcloud, input_frames,
+                                cache_dir=self.config.pointcloud_cache_dir, data_root=data_root)
+        g = init_gaussians(pc.points, pc.colours, sh_degree=self.config.sh_degree,
+                           seed=self.config.pointcloud.seed + 1000 * segment.scene_id + segment.segment_id,
+                           device=self.device)
+        return {k: g[k] for k in ("means", "colours", "log_scales", "offset")}
 
     # ----------------------------------------------------------------------------------------------- shared part
     def extract_shared(self, batch: SegmentBatch) -> SharedState:

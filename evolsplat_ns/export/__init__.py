@@ -1,0 +1,1 @@
+"""Exports: standard 3DGS PLY files of reconstructed segments."""

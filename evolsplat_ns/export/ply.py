@@ -1,0 +1,57 @@
+"""Standard 3D Gaussian Splatting PLY files (the layout common 3DGS viewers load).
+
+Per vertex: ``x y z``, ``nx ny nz`` (zeros), ``f_dc_0..2``, ``f_rest_0..(3(K-1)-1)`` channel-major (all red
+coefficients, then green, then blue), ``opacity`` (logit), ``scale_0..2`` (log), ``rot_0..3`` (unit quaternion,
+w x y z). Written atomically: a temporary file in the same folder, then renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def gaussian_ply_fields(num_rest: int):
+    names = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    names += [f"f_rest_{i}" for i in range(3 * num_rest)]
+    names += ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    return names
+
+
+def write_gaussian_ply(path: Union[str, Path], means: Tensor, sh: Tensor, opacity_logit: Tensor, log_scales: Tensor,
+                       quats: Tensor) -> Path:
+    """Write Gaussians as a 3DGS PLY.
+
+    Args:
+        means ``[N, 3]``; sh ``[N, K, 3]`` SH coefficients (K = (degree+1)^2, the DC term first);
+        opacity_logit ``[N]``; log_scales ``[N, 3]``; quats ``[N, 4]`` (w x y z, normalised here).
+    """
+    from plyfile import PlyData, PlyElement
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    N, K, _ = sh.shape
+    q = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    rest = sh[:, 1:, :].transpose(1, 2).reshape(N, 3 * (K - 1))  # channel-major
+    cols = [means, torch.zeros_like(means), sh[:, 0, :], rest, opacity_logit.reshape(N, 1), log_scales, q]
+    data = torch.cat([c.detach().float().cpu() for c in cols], dim=1).numpy()
+    names = gaussian_ply_fields(K - 1)
+    arr = np.empty(N, dtype=[(n, "f4") for n in names])
+    for i, n in enumerate(names):
+        arr[n] = data[:, i]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            PlyData([PlyElement.describe(arr, "vertex")], text=False).write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,186 @@
+"""On-disk cache of segment point clouds.
+
+Layout: ``<cache_dir>/<scene name>/<segment_id>-<config hash>.ply`` (project frame, colours as 8-bit RGB). The
+default ``cache_dir`` is ``<data root>/.evolsplat_cache`` (a hidden folder: the dataparser ignores it). The hash
+covers the generator, every option, the frames used and the frames allowed as input, the segment's frames and box,
+and the size / modification time of the scene's ``transforms.json`` (and of its seed PLY for the seed-PLY source):
+changing any of them makes a new entry, and switching back reuses the old one.
+
+Files are written atomically (temporary file in the same folder, then ``os.replace``), so an interrupted run
+leaves either no entry or a complete one; an unreadable entry is rebuilt with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from evolsplat_ns.data.records import SceneRecord
+from evolsplat_ns.data.scene_index import Segment
+from evolsplat_ns.pointcloud.generators import RGBPointCloudGenerator, make_generator
+from evolsplat_ns.pointcloud.options import InputFrames, PointCloudOptions
+from evolsplat_ns.pointcloud.plyio import quantise_colours, read_ply, write_ply_atomic
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+DEFAULT_CACHE_DIRNAME = ".evolsplat_cache"
+
+
+def config_hash(key: dict) -> str:
+    """16 hex digits of the SHA-1 of the canonical JSON of ``key``."""
+    blob = json.dumps({"cache_version": CACHE_VERSION, **key}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class SegmentPointCloud:
+    """A segment's cloud and where it came from."""
+
+    scene_id: int
+    scene_name: str
+    segment_id: int
+    points: np.ndarray
+    """[N, 3] float32, project frame."""
+    colours: np.ndarray
+    """[N, 3] float32 in [0, 1]."""
+    path: Optional[Path]
+    """Cache entry (None when the cache is disabled)."""
+    from_cache: bool
+    seconds: float
+
+    @property
+    def num_points(self) -> int:
+        return int(len(self.points))
+
+
+class PointCloudCache:
+    """Segment clouds on disk; see the module docstring.
+
+    Args:
+        cache_dir: cache root; default ``<data_root>/.evolsplat_cache``.
+        data_root: the data root the scenes were read from; default: each scene folder's parent.
+        enabled: False: always generate, never read or write.
+    """
+
+    def __init__(self, cache_dir: Union[str, Path, None] = None, data_root: Union[str, Path, None] = None,
+                 enabled: bool = True) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.data_root = Path(data_root) if data_root is not None else None
+        self.enabled = enabled
+        self.hits = 0
+        self.misses = 0
+
+    def root_for(self, scene: SceneRecord) -> Path:
+        if self.cache_dir is not None:
+            base = self.cache_dir
+        elif self.data_root is not None:
+            base = self.data_root / DEFAULT_CACHE_DIRNAME
+        else:
+            base = Path(scene.root).parent / DEFAULT_CACHE_DIRNAME
+        return base / scene.name
+
+    def path_for(self, generator: RGBPointCloudGenerator, scene: SceneRecord, segment: Segment,
+                 input_frames: InputFrames = None) -> Path:
+        h = config_hash(generator.cache_key(scene, segment, input_frames))
+        return self.root_for(scene) / f"{segment.segment_id}-{h}.ply"
+
+    def get(self, generator: RGBPointCloudGenerator, scene: SceneRecord, segment: Segment,
+            input_frames: InputFrames = None) -> SegmentPointCloud:
+        """The segment's cloud: read from the cache, or generated and written to it."""
+        t0 = time.perf_counter()
+        path = self.path_for(generator, scene, segment, input_frames) if self.enabled else None
+        if path is not None and path.exists():
+            try:
+                pts, cols = read_ply(path)
+                if len(pts) > 0:
+                    self.hits += 1
+                    return SegmentPointCloud(scene.scene_id, scene.name, segment.segment_id, pts, cols, path, True,
+                                             time.perf_counter() - t0)
+                logger.warning("cache entry %s is empty; rebuilding it", path)
+            except Exception as e:  # noqa: BLE001 - any unreadable entry is rebuilt
+                logger.warning("cache entry %s is unreadable (%s: %s); rebuilding it", path, type(e).__name__, e)
+        self.misses += 1
+        pts, cols = generator.generate_pointcloud(scene, segment, input_frames)
+        if path is not None:
+            write_ply_atomic(path, pts, cols)
+            # what a later run reads back (colours quantised to 8 bits), so that a hit and a miss agree
+            cols = quantise_colours(cols)
+        return SegmentPointCloud(scene.scene_id, scene.name, segment.segment_id, pts, cols, path, False,
+                                 time.perf_counter() - t0)
+
+
+def segment_pointcloud(
+    scene: SceneRecord,
+    segment: Segment,
+    options: Optional[PointCloudOptions] = None,
+    input_frames: InputFrames = None,
+    cache_dir: Union[str, Path, None] = None,
+    data_root: Union[str, Path, None] = None,
+    use_cache: bool = True,
+) -> SegmentPointCloud:
+    """One segment's cloud through the cache (the entry point for model initialisation)."""
+    cache = PointCloudCache(cache_dir, data_root, enabled=use_cache)
+    return cache.get(make_generator(options), scene, segment, input_frames)
+
+
+def build_all(
+    items: Iterable[Tuple[SceneRecord, Segment, InputFrames]],
+    generator: RGBPointCloudGenerator,
+    cache: PointCloudCache,
+    quiet: bool = False,
+) -> List[SegmentPointCloud]:
+    """Build (or read back) the clouds of many segments, with a progress bar and one log line per segment."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    try:
+        from nerfstudio.utils.rich_utils import CONSOLE
+    except ImportError:  # the console nerfstudio prints to, when it is there
+        from rich.console import Console
+
+        CONSOLE = Console(width=120)
+
+    items = list(items)
+    out: List[SegmentPointCloud] = []
+    progress = Progress(
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(compact=True),
+        console=CONSOLE,
+        disable=quiet,
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(f"Segment point clouds ({generator.name})", total=len(items))
+        for scene, segment, input_frames in items:
+            res = cache.get(generator, scene, segment, input_frames)
+            out.append(res)
+            msg = (f"scene {scene.scene_id} ({scene.name}) segment {segment.segment_id}: {res.num_points} points, "
+                   f"{res.seconds:.2f} s ({'cache' if res.from_cache else 'built'})")
+            if quiet:
+                logger.info(msg)
+            else:
+                logger.debug(msg)
+                progress.console.print(msg, soft_wrap=True, highlight=False)
+            progress.advance(task)
+    return out
+
+
+def segments_of(index, input_frames: InputFrames = None) -> List[Tuple[SceneRecord, Segment, InputFrames]]:
+    """``(scene, segment, input_frames)`` items of a :class:`~evolsplat_ns.data.scene_index.SceneIndex`."""
+    return [(index.scene, seg, input_frames) for seg in index.segments]
+
+
+__all__: Sequence[str] = (
+    "CACHE_VERSION", "DEFAULT_CACHE_DIRNAME", "PointCloudCache", "SegmentPointCloud", "build_all", "config_hash",
+    "segment_pointcloud", "segments_of",
+)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# On the GPU machine, sourced at the start of every command:
+#   source scripts/gpu/env.sh && <command>
+# Installs the carried wheels into /tmp/site, reuses the prebuilt gsplat CUDA build instead of compiling it,
+# and installs this project there so that nerfstudio finds the plugin's entry points.
+set -e
+if [ ! -f /tmp/site/.evolsplat_ready ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    bash .whl/use_prebuilt_gsplat.sh /tmp/site .whl/gsplat_cuda-*.so
+    python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . >/dev/null
+    touch /tmp/site/.evolsplat_ready
+fi
+export PYTHONPATH=/tmp/site:$PWD
+export PATH=/tmp/site/bin:$PATH
+export PYTHONUNBUFFERED=1
+set +e

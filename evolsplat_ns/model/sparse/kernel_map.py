@@ -1,0 +1,292 @@
+"""Coordinate hashing and kernel maps, in pure PyTorch (CPU and CUDA, no Python loop over points).
+
+Conventions (shared by the whole package)
+-----------------------------------------
+* Coordinates are integer rows ``(b, x, y, z)`` (int64 inside the package), non-negative spatial indices, *in
+  units of the tensor's own resolution*: a voxel at tensor stride ``s`` with coordinate ``x`` covers fine voxels
+  ``[s*x, s*x + s)`` (torchsparse 2.1 stores coordinates the same way, batch first).
+* **Kernel-offset ordering** (torchsparse 2.1, ``get_kernel_offsets`` and the hashmap kernels of its CUDA
+  backend): for a kernel of size ``k`` the offset index is ``w = a + k*b + k*k*c`` where ``(a, b, c)`` is the
+  position inside the kernel along ``(x, y, z)`` - *x varies fastest*. Weights are ``[k^3, C_in, C_out]``.
+  - submanifold conv (stride 1): output ``o`` reads input ``o + (a, b, c) - (k-1)/2``, i.e. offsets
+    ``(dx, dy, dz) in {-1,0,1}^3`` with ``w = (dx+1) + 3 (dy+1) + 9 (dz+1)``;
+  - strided conv (stride ``s``, padding 0): output ``o`` reads input ``s*o + (a, b, c)``;
+  - transposed conv: the same pairs as the strided conv read the other way (coarse ``o`` -> fine ``s*o + (a,b,c)``)
+    with the *same* weight index (torchsparse transposes the map, not the kernel).
+  In all three cases the dense equivalent uses ``dense_kernel[..., a, b, c] = weight[w]`` on a volume laid out
+  ``[B, C, X, Y, Z]`` (see :func:`sparse_weight_to_dense`), so checkpoints of torchsparse 2.1 ``spnn.Conv3d``
+  (``kernel`` parameter) load unchanged.
+* **Strided output rule** (torchsparse 2.1, ``spconv`` down-sampling mode used by default for kernel 3 / stride 2;
+  ``spnn.Conv3d`` passes padding 0 when the stride is not 1): the output coordinates are exactly the non-empty
+  outputs of a dense ``conv3d(kernel=k, stride=s, padding=0)`` over the box ``[0, M]`` per axis, i.e.
+
+      O = { o : 0 <= o_a <= (M_a - (k - 1)) // s  and  exists input p with s*o_a <= p_a <= s*o_a + k - 1 }
+
+  where ``M_a`` is the largest input coordinate along axis ``a`` (over all batch items) or ``spatial_range_a - 1``
+  when the tensor carries a ``spatial_range``. For k=3, s=2 an even coordinate ``p`` feeds outputs ``p/2`` and
+  ``p/2 - 1``, an odd one feeds ``(p-1)/2``; inputs on the far border (``p_a = M_a`` with ``M_a`` odd) reach no
+  output. Output rows are sorted lexicographically by ``(b, x, y, z)`` (torchsparse sorts the raveled keys too).
+  This is *not* the floor rule ``{floor(p/2)}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+_MAX_KEY = 1 << 62
+
+
+def kernel_offsets(kernel_size: int = 3, device=None) -> Tensor:
+    """Kernel positions ``(a, b, c)`` in ``[0, k)^3`` as a ``[k^3, 3]`` int64 tensor, index ``a + k b + k^2 c``."""
+    r = torch.arange(kernel_size, device=device)
+    c, b, a = torch.meshgrid(r, r, r, indexing="ij")
+    return torch.stack([a.reshape(-1), b.reshape(-1), c.reshape(-1)], dim=1)
+
+
+def sparse_weight_to_dense(weight: Tensor, transposed: bool = False) -> Tensor:
+    """``[k^3, C_in, C_out]`` -> ``conv3d`` weight ``[C_out, C_in, k, k, k]`` (``conv_transpose3d``:
+    ``[C_in, C_out, k, k, k]``) for a dense volume laid out ``[B, C, X, Y, Z]``."""
+    kv, cin, cout = weight.shape
+    k = round(kv ** (1.0 / 3.0))
+    assert k**3 == kv, "kernel volume must be a cube"
+    # index w = a + k b + k^2 c  ->  view [c, b, a]
+    w = weight.reshape(k, k, k, cin, cout).permute(3, 4, 2, 1, 0)  # [C_in, C_out, a, b, c]
+    if transposed:
+        return w.contiguous()
+    return w.transpose(0, 1).contiguous()
+
+
+def dense_weight_to_sparse(dense: Tensor, transposed: bool = False) -> Tensor:
+    """Inverse of :func:`sparse_weight_to_dense`."""
+    if not transposed:
+        dense = dense.transpose(0, 1)  # -> [C_in, C_out, a, b, c]
+    cin, cout, k = dense.shape[0], dense.shape[1], dense.shape[2]
+    return dense.permute(4, 3, 2, 0, 1).reshape(k**3, cin, cout).contiguous()
+
+
+class CoordIndex:
+    """Hash of a set of integer coordinate rows ``[N, D]`` (sorted raveled int64 keys + ``torch.searchsorted``).
+
+    The raveling uses the bounding box of the indexed rows, so it is exact (no collisions) whenever the box has
+    fewer than 2^62 cells; queries outside the box are answered "absent" without being raveled.
+    """
+
+    def __init__(self, coords: Tensor):
+        if coords.dim() != 2:
+            raise ValueError(f"coords must be [N, D], got {tuple(coords.shape)}")
+        coords = coords.long()
+        self.n = int(coords.shape[0])
+        self.dim = int(coords.shape[1])
+        self.device = coords.device
+        if self.n == 0:
+            self.lo = torch.zeros(self.dim, dtype=torch.long, device=self.device)
+            self.hi = self.lo - 1
+            sizes = [0] * self.dim
+        else:
+            self.lo = coords.min(0).values
+            self.hi = coords.max(0).values
+            sizes = (self.hi - self.lo + 1).tolist()
+        strides = [1] * self.dim
+        for i in range(self.dim - 2, -1, -1):
+            strides[i] = strides[i + 1] * max(sizes[i + 1], 1)
+        if self.n and strides[0] * sizes[0] >= _MAX_KEY:
+            raise ValueError(f"coordinate box {sizes} too large to ravel into int64 keys")
+        self.sizes = sizes
+        self.strides = torch.tensor(strides, dtype=torch.long, device=self.device)
+        keys = self.ravel(coords)
+        self.sorted_keys, self.perm = torch.sort(keys)
+
+    def ravel(self, coords: Tensor) -> Tensor:
+        """Keys of rows known to lie inside the box (no check)."""
+        return ((coords - self.lo) * self.strides).sum(-1)
+
+    def _find(self, keys: Tensor, valid: Tensor) -> Tensor:
+        if self.n == 0:
+            return torch.full_like(keys, -1)
+        pos = torch.searchsorted(self.sorted_keys, keys).clamp_(max=self.n - 1)
+        found = valid & (self.sorted_keys[pos] == keys)
+        return torch.where(found, self.perm[pos], torch.full_like(pos, -1))
+
+    def lookup(self, query: Tensor) -> Tensor:
+        """Row index of each query row ``[..., D]`` or -1."""
+        query = query.long()
+        valid = ((query >= self.lo) & (query <= self.hi)).all(-1)
+        keys = self.ravel(torch.minimum(torch.maximum(query, self.lo), self.hi))
+        return self._find(keys, valid)
+
+    def lookup_offsets(self, coords: Tensor, offsets: Tensor) -> Tensor:
+        """``[N, K]`` indices of ``coords[n] + offsets[k]`` (offsets ``[K, D]``), -1 where absent.
+
+        Uses the linearity of the raveling, key(c + d) = key(c) + key'(d), which holds whenever ``c + d`` lies in
+        the box (``c`` itself need not); queries outside the box are masked per axis.
+        """
+        coords = coords.long()
+        offs_cpu = offsets.detach().long().cpu()
+        offsets = offs_cpu.to(coords.device)
+        base = ((coords - self.lo) * self.strides).sum(-1)  # [N]
+        valid = torch.ones((coords.shape[0], 1), dtype=torch.bool, device=coords.device)
+        for d in range(self.dim):  # loop over the (<= 4) axes only
+            if bool((offs_cpu[:, d] == 0).all()):
+                q = coords[:, d : d + 1]
+            else:
+                q = coords[:, d : d + 1] + offsets[None, :, d]
+            valid = valid & (q >= self.lo[d]) & (q <= self.hi[d])
+        keys = base[:, None] + (offsets * self.strides).sum(-1)[None, :]
+        return self._find(keys, valid.expand(keys.shape))
+
+
+@dataclass
+class KernelMap:
+    """Input/output pairs of a sparse convolution grouped by weight index, padded to a rectangle.
+
+    ``in_idx[j, p]`` / ``out_idx[j, p]`` is the ``p``-th pair of group ``j``, which uses weight ``ks[j]``. Padding
+    entries of column ``p`` hold ``n_in + p`` / ``n_out + p`` (past the last row: zero rows are appended when
+    gathering, and padded products land in scratch rows that are dropped, spread so that atomics do not pile up
+    on one address). ``identity_k`` (submanifold maps) is the centre weight, whose pairs are ``(i, i)`` for
+    every row and are handled by one dense matmul instead.
+    """
+
+    in_idx: Tensor  # [G, P] int64
+    out_idx: Tensor  # [G, P] int64
+    ks: Tensor  # [G] int64 weight index of each group
+    n_in: int
+    n_out: int
+    kernel_volume: int
+    identity_k: Optional[int] = None
+
+    @property
+    def num_pairs(self) -> int:
+        n = int((self.in_idx < self.n_in).sum())
+        return n + (self.n_in if self.identity_k is not None else 0)
+
+    def pairs(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """All ``(in, out, weight index)`` pairs, mainly for tests and debugging."""
+        valid = self.in_idx < self.n_in
+        j, _ = valid.nonzero(as_tuple=True)
+        i_in, i_out, kk = self.in_idx[valid], self.out_idx[valid], self.ks[j]
+        if self.identity_k is not None:
+            r = torch.arange(self.n_in, device=self.in_idx.device)
+            i_in = torch.cat([i_in, r])
+            i_out = torch.cat([i_out, r])
+            kk = torch.cat([kk, torch.full_like(r, self.identity_k)])
+        return i_in, i_out, kk
+
+    def to(self, device) -> "KernelMap":
+        return KernelMap(self.in_idx.to(device), self.out_idx.to(device), self.ks.to(device), self.n_in, self.n_out,
+                         self.kernel_volume, self.identity_k)
+
+    @staticmethod
+    def from_table(table: Tensor, n_in: int, identity_k: Optional[int] = None, min_chunk: int = 256) -> "KernelMap":
+        """From an ``[n_out, K]`` table of input rows (-1 = no pair).
+
+        Groups are cut into chunks of equal length ``c`` (about a quarter of the mean group size, at least
+        ``min_chunk``) so that padding stays small when the offsets have very different pair counts (surfaces:
+        in-plane offsets have ~N pairs, the others few); several chunks may share one weight index.
+        """
+        n_out, kv = table.shape
+        device = table.device
+        t = table.t()
+        ks = torch.arange(kv, device=device)
+        if identity_k is not None:
+            keep_rows = ks != identity_k
+            t, ks = t[keep_rows], ks[keep_rows]
+        mask = t >= 0
+        counts = mask.sum(1)
+        nonempty = counts > 0
+        t, mask, counts, ks = t[nonempty], mask[nonempty], counts[nonempty], ks[nonempty]
+        n_groups = int(ks.shape[0])
+        if n_groups == 0:
+            empty = torch.zeros((0, 0), dtype=torch.long, device=device)
+            return KernelMap(empty, empty.clone(), ks, n_in, n_out, kv, identity_k)
+        total, pmax = int(counts.sum()), int(counts.max())
+        chunk = min(pmax, max(min_chunk, -(-total // (4 * n_groups))))
+        if chunk >= 1024:
+            chunk = -(-chunk // 8) * 8  # lets the weight-gradient reduction split evenly (ops._grouped_weight_grad)
+        n_chunks = torch.div(counts + chunk - 1, chunk, rounding_mode="floor")  # per group
+        first_chunk = torch.cumsum(n_chunks, 0) - n_chunks
+        r, c = mask.nonzero(as_tuple=True)  # row-major: sorted by group, then output row
+        start = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(r.shape[0], device=device) - start[r]
+        row = first_chunk[r] + torch.div(pos, chunk, rounding_mode="floor")
+        col = pos - torch.div(pos, chunk, rounding_mode="floor") * chunk
+        n_rows = int(n_chunks.sum())
+        in_idx = torch.full((n_rows, chunk), n_in, dtype=torch.long, device=device)
+        out_idx = torch.full((n_rows, chunk), n_out, dtype=torch.long, device=device)
+        in_idx[row, col] = t[r, c]
+        out_idx[row, col] = c
+        return KernelMap(in_idx, out_idx, torch.repeat_interleave(ks, n_chunks), n_in, n_out, kv, identity_k)
+
+
+def build_submanifold_map(coords: Tensor, index: CoordIndex, kernel_size: int = 3, min_chunk: int = 256) -> KernelMap:
+    """Submanifold map (stride 1, output coordinates = input coordinates) of an odd kernel."""
+    if kernel_size % 2 != 1:
+        raise ValueError("submanifold convolution needs an odd kernel size")
+    n = int(coords.shape[0])
+    offs = kernel_offsets(kernel_size, coords.device) - (kernel_size - 1) // 2
+    offs4 = torch.cat([torch.zeros_like(offs[:, :1]), offs], dim=1)
+    table = index.lookup_offsets(coords, offs4)  # [N, K]: input row of output n at offset k
+    return KernelMap.from_table(table, n, identity_k=(kernel_size**3) // 2, min_chunk=min_chunk)
+
+
+def build_downsample_map(
+    coords: Tensor,
+    kernel_size: int = 3,
+    stride: int = 2,
+    spatial_range: Optional[Sequence[int]] = None,
+    min_chunk: int = 256,
+) -> Tuple[KernelMap, Tensor, Optional[Tuple[int, int, int]]]:
+    """Strided map (padding 0) under torchsparse 2.1's output rule (module docstring).
+
+    Returns the map (input rows = ``coords`` rows, output rows = the returned coarse coordinates), the coarse
+    coordinates ``[N_out, 4]`` sorted by ``(b, x, y, z)``, and the coarse ``spatial_range`` (None if none given).
+    """
+    coords = coords.long()
+    device = coords.device
+    n = int(coords.shape[0])
+    k, s = int(kernel_size), int(stride)
+    if n == 0:
+        empty = torch.zeros((0, 4), dtype=torch.long, device=device)
+        kmap = KernelMap.from_table(torch.zeros((0, k**3), dtype=torch.long, device=device), 0, min_chunk=min_chunk)
+        return kmap, empty, None
+    p = coords[:, 1:]
+    if spatial_range is not None:
+        m = torch.tensor([int(v) - 1 for v in spatial_range], dtype=torch.long, device=device)
+        out_range = tuple((int(v) - (k - 1) - 1) // s + 1 for v in spatial_range)
+    else:
+        m = p.max(0).values
+        out_range = None
+    omax = torch.div(m - (k - 1), s, rounding_mode="floor")  # [3], may be negative
+    d = torch.arange(k, device=device)
+    num = p[:, :, None] - d[None, None, :]  # [N, 3, k]: s*o = p - d
+    o = torch.div(num, s, rounding_mode="floor")
+    ok = (num - o * s == 0) & (o >= 0) & (o <= omax[None, :, None])  # [N, 3, k]
+    # coarse keys: ravel (b, ox, oy, oz) inside [bmin..bmax] x [0..omax]
+    b = coords[:, 0]
+    bmin = int(b.min())
+    sizes = [int(b.max()) - bmin + 1] + [max(int(v) + 1, 1) for v in omax.tolist()]
+    st = [sizes[1] * sizes[2] * sizes[3], sizes[2] * sizes[3], sizes[3], 1]
+    if st[0] * sizes[0] >= _MAX_KEY:
+        raise ValueError(f"coordinate box {sizes} too large to ravel into int64 keys")
+    ox, oy, oz = o[:, 0], o[:, 1], o[:, 2]  # [N, k]
+    key = ((b - bmin) * st[0])[:, None, None, None] + (oz * st[3])[:, :, None, None] \
+        + (oy * st[2])[:, None, :, None] + (ox * st[1])[:, None, None, :]  # [N, c, b, a] -> w = a + k b + k^2 c
+    valid = ok[:, 2][:, :, None, None] & ok[:, 1][:, None, :, None] & ok[:, 0][:, None, None, :]
+    key = key.reshape(n, k**3)
+    valid = valid.reshape(n, k**3)
+    rows, ws = valid.nonzero(as_tuple=True)
+    ukeys, inv = torch.unique(key[rows, ws], sorted=True, return_inverse=True)
+    n_out = int(ukeys.shape[0])
+    out = torch.empty((n_out, 4), dtype=torch.long, device=device)
+    rem = ukeys
+    for i in range(4):  # unravel
+        out[:, i] = torch.div(rem, st[i], rounding_mode="floor")
+        rem = rem - out[:, i] * st[i]
+    out[:, 0] += bmin
+    table = torch.full((n_out, k**3), -1, dtype=torch.long, device=device)
+    table[inv, ws] = rows
+    return KernelMap.from_table(table, n, min_chunk=min_chunk), out, out_range
+

@@ -47,7 +47,38 @@ def make_trainer_config() -> TrainerConfig:
     )
 
 
+def make_small_trainer_config() -> TrainerConfig:
+    """A small preset for CPU runs and smoke tests: fewer and smaller views, few Gaussians, the PyTorch
+    rasterizer; the architecture is unchanged."""
+    cfg = make_trainer_config()
+    cfg.method_name = "evolsplat-ff-small"
+    import torch
+
+    cfg.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg.max_num_iterations = 300
+    cfg.steps_per_eval_batch = 100
+    cfg.steps_per_eval_image = 100
+    cfg.steps_per_eval_all_images = 1_000_000
+    cfg.steps_per_save = 100
+    dm = cfg.pipeline.datamanager
+    dm.num_target_keyframes = 2
+    dm.keyframes_per_segment = 8
+    dm.batches_per_segment = 10
+    m = cfg.pipeline.model
+    m.bg_num_points = 4000
+    m.pointcloud.max_points = 4000
+    for group in cfg.optimizers.values():
+        group["scheduler"].max_steps = 300
+    cfg.optimizers["sparse_conv"]["scheduler"].warmup_steps = 20
+    return cfg
+
+
 evolsplat_ff = MethodSpecification(
     config=make_trainer_config(),
     description="EVolSplat feed-forward 3D Gaussian Splatting of driving scenes (many scenes, segment batches)",
+)
+
+evolsplat_ff_small = MethodSpecification(
+    config=make_small_trainer_config(),
+    description="evolsplat-ff, small preset for CPU runs (fewer/smaller views, 4k Gaussians, PyTorch rasterizer)",
 )

@@ -294,7 +294,8 @@ class EvolSplatDataManager(DataManager):
         return {"scheduler": self.scheduler.state_dict(), "train_count": int(self.train_count)}
 
     def set_extra_state(self, state) -> None:
-        if not state:
+        # Only a training run resumes the schedule; evaluation / inference may load a checkpoint on other data.
+        if not state or self.test_mode != "val":
             return
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_count = int(state.get("train_count", 0))

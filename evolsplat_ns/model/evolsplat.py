@@ -94,6 +94,10 @@ class SharedState:
     ``ref_c2w`` [4, 4] background reference camera."""
     source: Views
 
+    def detached(self) -> "SharedState":
+        """A copy without graph (for display / evaluation after the train step)."""
+        return SharedState({k: v.detach() for k, v in self.tensors.items()}, self.aux, self.source)
+
 
 class EvolSplatModel(Model):
     """See the module docstring."""
@@ -113,7 +117,8 @@ class EvolSplatModel(Model):
                                    self.config.offset_max)
         self.background = HemisphereBackground(V, self.config.bg_num_points, self.config.bg_radius,
                                                self.config.bg_center)
-        self.segments = SegmentStateStore(resident_segments=self.config.resident_segments)
+        # Checkpoints keep only the offsets; the rest of a segment is rebuilt deterministically from its cached cloud.
+        self.segments = SegmentStateStore(resident_segments=self.config.resident_segments, persist=("offset",))
         self.step = 0
         from torchmetrics.image import PeakSignalNoiseRatio
 
@@ -217,6 +222,20 @@ class EvolSplatModel(Model):
             out["depth"] = fg["depth"]
         return out
 
+    @torch.no_grad()
+    def export_gaussians(self, shared: SharedState, c2w: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """The foreground Gaussians as static 3DGS parameters, colour decoded for one viewpoint.
+
+        The colour decoder is conditioned on the viewing camera; a static 3DGS file cannot be, so the SH
+        coefficients decoded for ``c2w`` (default: the segment's middle source camera) are exported.
+        """
+        c2w = shared.aux["ref_c2w"] if c2w is None else c2w
+        f3, means = shared.tensors["f3"], shared.tensors["means"]
+        dist, direction = view_inputs(means, c2w[:3, 3])
+        sh, dlog, quats, opa = self.heads.predict_view(f3, shared.aux["fw"], dist, direction)
+        return {"means": means, "sh": sh, "opacity_logit": opa, "log_scales": dlog + shared.aux["base_log_scale"],
+                "quats": quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)}
+
     # ----------------------------------------------------------------------------------------------- losses
     def view_loss(self, outputs: Dict[str, Tensor], gt: Tensor, step: Optional[int] = None) -> Dict[str, Tensor]:
         """0.8 L1 + 0.2 (1 - SSIM), plus the accumulation entropy every ``entropy_every`` steps."""
@@ -255,6 +274,15 @@ class EvolSplatModel(Model):
 
     def _lpips_metric(self):
         if self._lpips is None and not self._lpips_failed:
+            import os
+
+            # torchmetrics' LPIPS loads torchvision's AlexNet weights from the hub cache, downloading them if
+            # missing; without network that fails (slowly). Only try when they are already there.
+            hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+            if not (os.path.isdir(hub) and any(f.startswith("alexnet") for f in os.listdir(hub))):
+                self._lpips_failed = True
+                logger.warning("LPIPS skipped: torchvision's AlexNet weights are not in %s (no download here)", hub)
+                return None
             try:
                 from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
@@ -279,6 +307,8 @@ class EvolSplatModel(Model):
 
     @torch.no_grad()
     def get_outputs_for_camera(self, camera: Cameras, obb_box=None) -> Dict[str, Tensor]:
+        if self._display is None and getattr(self, "display_provider", None) is not None:
+            self.display_provider()
         if self._display is None:
             raise RuntimeError("no reconstructed segment to display yet: the pipeline sets one (set_display)")
         shared, _ = self._display

@@ -44,6 +44,20 @@ class EvolSplatPipeline(VanillaPipeline):
         self.grad_scaler = grad_scaler
         self.skipped_steps = 0
         self.shared_extractions = 0
+        # The viewer and ns-eval render through get_outputs_for_camera: until a segment is chosen (or trained
+        # on), show the first evaluation segment.
+        self.ff_model.display_provider = self._default_display
+
+    def _default_display(self) -> None:
+        sid, seg = self.datamanager.eval_keys()[0]
+        self.show_segment(sid, seg)
+
+    @torch.no_grad()
+    def show_segment(self, scene_id: int, segment_id: int):
+        """Reconstruct (scene, segment) from its fixed evaluation views and make it what the viewer renders."""
+        dm = self.datamanager
+        batch = dm.make_batch(scene_id, segment_id, dm.select(scene_id, segment_id, None), True)
+        return self.reconstruct(batch)
 
     # ----------------------------------------------------------------------------------------------- segments
     @property

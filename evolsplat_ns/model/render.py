@@ -1,0 +1,134 @@
+"""Rendering of 3D Gaussians: gsplat on CUDA, the pure-PyTorch reference rasterizer elsewhere.
+
+:func:`render_gaussians` is the single entry point the model uses. Both backends compute the same image (gsplat
+1.4.0's "classic" rasterization, see :mod:`evolsplat_ns.model.rasterize_torch` for the maths); the camera
+conventions are the project's (:mod:`evolsplat_ns.cameras`): OpenCV camera-to-world, pinhole ``K``, pixel
+centres at half-integers.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Literal, Optional
+
+import torch
+from torch import Tensor
+
+from evolsplat_ns.cameras import world_to_camera
+from evolsplat_ns.model.rasterize_torch import EPS2D, rasterize_gaussians_torch
+
+Backend = Literal["auto", "gsplat", "torch"]
+
+
+def resolve_backend(backend: Backend, device: torch.device) -> str:
+    """``"auto"`` -> ``"gsplat"`` for CUDA tensors, ``"torch"`` otherwise; other values are checked and returned."""
+    if backend == "auto":
+        return "gsplat" if torch.device(device).type == "cuda" else "torch"
+    if backend not in ("gsplat", "torch"):
+        raise ValueError(f"unknown rasterizer backend {backend!r} (expected 'auto', 'gsplat' or 'torch')")
+    return backend
+
+
+def render_gaussians(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    c2w: Tensor,
+    K: Tensor,
+    width: int,
+    height: int,
+    sh_degree: Optional[int] = None,
+    render_depth: bool = False,
+    background: Optional[Tensor] = None,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    backend: Backend = "auto",
+) -> Dict[str, Tensor]:
+    """Rasterize 3D Gaussians into one or several pinhole cameras.
+
+    Conventions (the project's, see :mod:`evolsplat_ns.cameras`): cameras are **OpenCV camera-to-world**
+    matrices (x right, y down, z forward); ``K`` is a pinhole intrinsic matrix (its skew is ignored, as gsplat
+    does); the pixel in row ``v`` / column ``u`` has its centre at ``(u + 0.5, v + 0.5)``. The world-to-camera
+    matrix given to the rasterizer is :func:`evolsplat_ns.cameras.world_to_camera` of ``c2w``.
+
+    The image is gsplat 1.4.0's "classic" rasterization: covariance ``R(q) diag(s)^2 R(q)^T``, EWA projection
+    with a 0.3 px^2 low-pass dilation, 3-sigma tile culling, ``alpha = min(0.999, o exp(-0.5 d^T Sigma^-1 d))``
+    skipped below 1/255, front-to-back compositing in depth order stopping before the transmittance falls to
+    1e-4. With ``sh_degree`` the colour is ``max(SH(dir) + 0.5, 0)`` with ``dir = mean - camera centre``.
+
+    Args:
+        means: ``[N, 3]`` Gaussian centres (world).
+        quats: ``[N, 4]`` rotations as ``wxyz`` quaternions; need not be normalised.
+        scales: ``[N, 3]`` **linear** (not log) standard deviations along the rotated axes.
+        opacities: ``[N]`` opacities in (0, 1) (post-sigmoid).
+        colors: ``[N, 3]`` RGB (``sh_degree=None``; any ``[N, D]`` works and gives ``D`` output channels) or
+            ``[N, K, 3]`` SH coefficients with ``(sh_degree + 1)^2 <= K``.
+        c2w: ``[4, 4]`` OpenCV camera-to-world, or ``[C, 4, 4]`` for a batch of cameras.
+        K: ``[3, 3]`` (or ``[C, 3, 3]``) intrinsics; a ``[.., 4, 4]`` matrix uses its top-left 3x3.
+            A single ``K`` is shared by all ``C`` cameras.
+        width, height: image size in pixels.
+        sh_degree: SH degree to evaluate, or None when ``colors`` are plain colours.
+        render_depth: also render the expected depth (``sum w_i z_i / sum w_i``, camera z of the means).
+        background: ``[3]`` (or ``[C, 3]``) colour composited behind the Gaussians
+            (``rgb += (1 - alpha) * background``); None = black.
+        near_plane, far_plane: Gaussians whose camera depth is outside ``[near, far]`` are culled.
+        backend: "gsplat" (CUDA only: gsplat has no CPU path), "torch" (pure-PyTorch reference rasterizer:
+            slow, for tests and small CPU demos) or "auto" (gsplat when ``means`` is on CUDA, torch otherwise).
+
+    Returns:
+        A dict with (``[C, ...]`` leading dimension only when ``c2w`` is batched):
+
+        - **rgb**: ``[H, W, 3]`` (``[C, H, W, 3]``) composited colours (background included).
+        - **alpha**: ``[H, W, 1]`` accumulated opacity ``1 - T_final``.
+        - **depth**: ``[H, W, 1]`` expected z-depth (only with ``render_depth``; meaningless where alpha ~ 0).
+    """
+    batched = c2w.dim() == 3
+    c2w_b = c2w if batched else c2w[None]
+    C = c2w_b.shape[0]
+    K3 = K[..., :3, :3]
+    Ks = K3.expand(C, 3, 3) if K3.dim() == 2 else K3
+    if Ks.shape[0] != C:
+        raise ValueError(f"K batch {tuple(K.shape)} does not match c2w batch {tuple(c2w.shape)}")
+    viewmats = world_to_camera(c2w_b)
+    backgrounds = None
+    if background is not None:
+        backgrounds = background.expand(C, background.shape[-1]) if background.dim() == 1 else background
+    mode = "RGB+ED" if render_depth else "RGB"
+    width, height = int(width), int(height)
+
+    kind = resolve_backend(backend, means.device)
+    if kind == "gsplat":
+        import gsplat
+
+        render_colors, render_alphas, _ = gsplat.rasterization(
+            means=means,
+            quats=quats,
+            scales=scales,
+            opacities=opacities,
+            colors=colors,
+            viewmats=viewmats,
+            Ks=Ks,
+            width=width,
+            height=height,
+            near_plane=near_plane,
+            far_plane=far_plane,
+            eps2d=EPS2D,
+            sh_degree=sh_degree,
+            backgrounds=backgrounds,
+            render_mode=mode,
+            rasterize_mode="classic",
+        )
+    else:
+        render_colors, render_alphas = rasterize_gaussians_torch(
+            means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+            sh_degree=sh_degree, render_mode=mode, backgrounds=backgrounds,
+            near_plane=near_plane, far_plane=far_plane, eps2d=EPS2D,
+        )
+
+    out = {"rgb": render_colors[..., :-1] if render_depth else render_colors, "alpha": render_alphas}
+    if render_depth:
+        out["depth"] = render_colors[..., -1:]
+    if not batched:
+        out = {k: v[0] for k, v in out.items()}
+    return out

@@ -56,6 +56,9 @@ class EvolSplatModelConfig(ModelConfig):
     """Sparse convolution backend: the project's own PyTorch one, or torchsparse when importable."""
     volume_sampling: Literal["sparse", "dense"] = "sparse"
     """Sample the feature volume straight from the sparse voxels, or densify it like the reference."""
+    volume_aabb: Optional[Tuple[float, float, float, float, float, float]] = None
+    """Crop box (xmin, ymin, zmin, xmax, ymax, zmax, project frame) of the feature volume; None = the bounds of the
+    segment's points. Points outside sample zero features. Dense sampling allocates this whole box."""
     freeze_volume: bool = False
     """Compute a segment's feature volume once (no gradient to the U-Net) and reuse it for its later batches."""
     num_source_views: Optional[int] = None
@@ -170,7 +173,9 @@ class EvolSplatModel(Model):
         src = batch.source
         fw_all, _, mask = sample_window_features(means0, src.image, src.extrinsics, src.intrinsics, src.depth,
                                                  radius=self.config.local_radius)
-        vox = self.segments.cached("voxels", lambda: voxelize(means0, seg["colours"], self.config.voxel_size))
+        box = self.config.volume_aabb
+        vox = self.segments.cached("voxels", lambda: voxelize(
+            means0, seg["colours"], self.config.voxel_size, *((box[:3], box[3:]) if box is not None else ())))
         if self.config.freeze_volume:
             volume = self.segments.cached("frozen_volume", lambda: self._encode_frozen(vox))
         else:

@@ -1,0 +1,253 @@
+"""Benchmarks B1-B4 of docs/BENCHMARKS.md: the EVolSplat model at KITTI-360 size on a synthetic street.
+
+* B1 reconstruction latency of one segment (shared extraction: window features, volume encoder, offset head), for
+  a segment seen for the first time (kernel maps built) and for a known one (maps cached), split by stage;
+* B2 rendering speed of a reconstructed segment: per view, heads + foreground + background rasterization;
+* B3 train-step time against the number of target views T: ours (shared extraction once, cut graph) versus
+  recomputing the shared extraction per view (the design document's origin code);
+* B4 peak GPU memory of a train step with sparse versus dense volume sampling, on the KITTI-360 and Waymo boxes.
+
+Usage (GPU machine): ``python benchmarks/bench_model.py --out $OUT/bench_model.json``
+Quick CPU check: ``python benchmarks/bench_model.py --device cpu --points 20000 --height 94 --width 352 --quick``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_sparse_unet import street_points  # noqa: E402
+
+from evolsplat_ns.data.batch import SegmentBatch, Views  # noqa: E402
+from evolsplat_ns.pipeline.multiview_backward import multiview_backward  # noqa: E402
+
+# Boxes of the reference (OpenCV camera frame: x right, y down, z forward), re-expressed in the benchmark's
+# street frame (x forward, y left, z up, camera at 1.6 m).
+KITTI_BOX = (-20.0, -16.0, 1.6 - 3.8, 60.0, 16.0, 1.6 + 9.0)
+WAYMO_BOX = (-20.0, -25.0, 1.6 - 4.8, 80.0, 25.0, 1.6 + 20.0)
+
+
+def cam(x: float, device) -> torch.Tensor:
+    """OpenCV c2w of a camera at (x, 0, 1.6) looking along +x (street frame: y left, z up)."""
+    T = torch.eye(4)
+    T[:3, 0] = torch.tensor([0.0, -1.0, 0.0])  # right
+    T[:3, 1] = torch.tensor([0.0, 0.0, -1.0])  # down
+    T[:3, 2] = torch.tensor([1.0, 0.0, 0.0])  # forward
+    T[:3, 3] = torch.tensor([x, 0.0, 1.6])
+    return T.to(device)
+
+
+def views(xs, H, W, device, seed) -> Views:
+    g = torch.Generator().manual_seed(seed)
+    n = len(xs)
+    K = torch.eye(4)
+    K[0, 0] = K[1, 1] = 552.0 * W / 1408
+    K[0, 2], K[1, 2] = W / 2, H / 2
+    return Views(
+        image=torch.rand(n, H, W, 3, generator=g).to(device),
+        extrinsics=torch.stack([cam(x, device) for x in xs]),
+        intrinsics=K.to(device).expand(n, 4, 4).clone(),
+        depth=(torch.rand(n, H, W, generator=g) * 40 + 2).to(device),
+        frame_indices=torch.arange(n, device=device),
+        cam_indices=torch.zeros(n, dtype=torch.long, device=device),
+        keyframe_indices=torch.arange(n, device=device),
+    )
+
+
+def build_model(device, points, volume_sampling="sparse", volume_aabb=None, bg_points=700 * 700):
+    from nerfstudio.data.scene_box import SceneBox
+
+    from evolsplat_ns.model.evolsplat import EvolSplatModelConfig
+    from evolsplat_ns.pointcloud.init import init_gaussians
+
+    cfg = EvolSplatModelConfig(num_source_views=3, volume_sampling=volume_sampling, volume_aabb=volume_aabb,
+                               bg_num_points=bg_points)
+    model = cfg.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1,
+                      metadata={"num_source_views": 3}).to(device)
+    g = init_gaussians(points.cpu().float().numpy(), torch.rand(len(points), 3).numpy(), sh_degree=1, seed=0,
+                       device=device)
+    state = {k: g[k] for k in ("means", "colours", "log_scales", "offset")}
+    model.segments.activate(0, 0, lambda: state)
+    return model
+
+
+def timed(fn, iters, warmup, device):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ts.append(1000 * (time.perf_counter() - t))
+    return {"median_ms": statistics.median(ts), "min_ms": min(ts), "iters": iters}
+
+
+def stages(model, batch, device, fresh: bool):
+    """One shared extraction split by stage (mirrors EvolSplatModel.extract_shared)."""
+    from evolsplat_ns.model.sparse import sample_volume, voxelize
+    from evolsplat_ns.model.window_features import sample_window_features
+
+    seg = model.segments.current
+    src = batch.source
+    out = {}
+
+    def t(name, fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out[name] = 1000 * (time.perf_counter() - t0)
+        return r
+
+    if fresh:
+        model.segments.clear_caches()
+    with torch.no_grad():
+        fw, _, mask = t("window_features", lambda: sample_window_features(seg["means"], src.image, src.extrinsics,
+                                                                           src.intrinsics, src.depth, radius=1))
+        vox = t("voxelize", lambda: model.segments.cached("voxels", lambda: voxelize(seg["means"], seg["colours"], 0.1)))
+        vol = t("unet" + ("_with_kernel_maps" if fresh else "_cached_maps"), lambda: model.encoder(vox.tensor(), cache=vox.kernel_maps))
+        idx = mask.nonzero().squeeze(-1)
+        f3 = t("volume_sampling", lambda: sample_volume(vol, vox, seg["means"][idx] + seg["offset"][idx]))
+        t("offset_head", lambda: model.heads.predict_offset(f3))
+    out["total"] = sum(out.values())
+    out["num_points"] = int(seg["means"].shape[0])
+    out["num_kept"] = int(idx.numel())
+    out["num_voxels"] = int(vox.coords.shape[0])
+    return out
+
+
+def render_one(model, shared, tgt, v):
+    return model.render_view(shared.tensors, shared, tgt.extrinsics[v], tgt.intrinsics[v], tgt.height, tgt.width)
+
+
+def train_step(model, batch, mode: str):
+    tgt = batch.target
+    T = len(tgt)
+    model.zero_grad(set_to_none=True)
+    if mode == "ours":
+        shared = model.extract_shared(batch)
+
+        def loss(leaves, v):
+            o = model.render_view(leaves, shared, tgt.extrinsics[v], tgt.intrinsics[v], tgt.height, tgt.width)
+            return sum(model.view_loss(o, tgt.image[v], 1).values())
+
+        multiview_backward(shared.tensors, loss, T)
+    else:  # recompute the shared extraction for every view (the origin code's way)
+        for v in range(T):
+            shared = model.extract_shared(batch)
+            o = render_one(model, shared, tgt, v)
+            (sum(model.view_loss(o, tgt.image[v], 1).values()) / T).backward()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--points", type=int, default=1_050_000, help="seed points of the segment")
+    ap.add_argument("--height", type=int, default=376)
+    ap.add_argument("--width", type=int, default=1408)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="fewer iterations, T in {1, 3}, no B4")
+    ap.add_argument("--out", default="outputs/bench_model.json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    iters, warm = (2, 1) if args.quick else (args.iters, 2)
+    torch.manual_seed(0)
+    # street_points gives ~num_voxels occupied voxels from 2.5x as many points; aim at --points points
+    pts = street_points(int(args.points / 2.5), 0.1, 0, "cpu").float()
+    pts = pts[torch.randperm(len(pts))[: args.points]].to(device)
+    H, W = args.height, args.width
+    batch = SegmentBatch(0, 0, views([1.0, 3.0, 5.0], H, W, device, 1),
+                         views([1.5, 2.0, 2.5, 3.5, 4.0, 4.5, 5.5, 6.0, 6.5, 2.2, 3.7, 5.2], H, W, device, 2),
+                         True)
+    report = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor(),
+              "torch": torch.__version__, "image": [H, W], "source_views": 3}
+    model = build_model(device, pts, bg_points=700 * 700 if not args.quick else 20000)
+    model.train()
+
+    # B1: reconstruction (shared extraction), first time (kernel maps built) and cached
+    b1 = {"first_time": [stages(model, batch, device, fresh=True) for _ in range(max(iters // 2, 1))],
+          "cached": [stages(model, batch, device, fresh=False) for _ in range(iters)]}
+    b1_sum = {}
+    for k, rows in b1.items():
+        b1_sum[k] = {name: statistics.median(r[name] for r in rows) for name in rows[0]}
+    with torch.no_grad():
+        model.segments.clear_caches()
+        first = timed(lambda: (model.segments.clear_caches(), model.extract_shared(batch)), max(iters // 2, 1), 1, device)
+        cached = timed(lambda: model.extract_shared(batch), iters, warm, device)
+    report["B1_reconstruction"] = {"stages_median_ms": b1_sum, "extract_shared_first_time": first,
+                                   "extract_shared_cached": cached}
+    print("B1", json.dumps(report["B1_reconstruction"], indent=1), flush=True)
+
+    # B2: rendering one more view of the reconstructed segment
+    model.eval()
+    with torch.no_grad():
+        shared = model.extract_shared(batch)
+        tgt = batch.target
+        r = timed(lambda: render_one(model, shared, tgt, 0), iters * 3, warm, device)
+    r["fps"] = 1000.0 / r["median_ms"]
+    r["num_gaussians"] = int(shared.tensors["means"].shape[0])
+    report["B2_render"] = r
+    print("B2", r, flush=True)
+    model.train()
+
+    # B3: train step vs number of target views
+    b3 = {}
+    for T in ([1, 3] if args.quick else [1, 3, 6, 12]):
+        b = SegmentBatch(0, 0, batch.source, Views(*(getattr(batch.target, f)[:T] for f in
+                                                   ("image", "extrinsics", "intrinsics", "depth", "frame_indices",
+                                                    "cam_indices", "keyframe_indices"))), False)
+        ours = timed(lambda: train_step(model, b, "ours"), max(iters // 2, 1), 1, device)
+        rec = timed(lambda: train_step(model, b, "recompute"), max(iters // 2, 1), 1, device)
+        b3[T] = {"ours_ms": ours["median_ms"], "recompute_ms": rec["median_ms"],
+                 "speedup": rec["median_ms"] / ours["median_ms"]}
+        print("B3", T, b3[T], flush=True)
+    report["B3_train_step"] = b3
+
+    # B4: peak memory of a train step (T = 1), sparse vs dense sampling, over the reference boxes
+    if device.type == "cuda" and not args.quick:
+        b4 = {}
+        one = SegmentBatch(0, 0, batch.source, Views(*(getattr(batch.target, f)[:1] for f in
+                                                     ("image", "extrinsics", "intrinsics", "depth", "frame_indices",
+                                                      "cam_indices", "keyframe_indices"))), False)
+        for box_name, box in (("kitti360", KITTI_BOX), ("waymo", WAYMO_BOX)):
+            for mode in ("sparse", "dense"):
+                del model
+                torch.cuda.empty_cache()
+                model = build_model(device, pts, volume_sampling=mode, volume_aabb=box)
+                model.train()
+                train_step(model, one, "ours")  # warm (kernel maps)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                train_step(model, one, "ours")
+                torch.cuda.synchronize()
+                b4[f"{box_name}_{mode}"] = {"peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
+                                            "peak_over_resident_GiB": (torch.cuda.max_memory_allocated() - base) / 2**30}
+                print("B4", box_name, mode, b4[f"{box_name}_{mode}"], flush=True)
+        for box_name in ("kitti360", "waymo"):
+            b4[f"{box_name}_sparse_over_dense"] = b4[f"{box_name}_sparse"]["peak_GiB"] / b4[f"{box_name}_dense"]["peak_GiB"]
+        report["B4_memory"] = b4
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,6 @@ import pytest
 
 from scene_fixtures import write_root
 
-BIN = Path(sys.executable).parent
 
 
 def test_entry_points_registered():
@@ -48,7 +47,9 @@ def test_import_is_light():
 
 
 def test_ns_train_help_lists_data_options():
-    out = subprocess.run([str(BIN / "ns-train"), "evolsplat-ff", "--help"], capture_output=True, text=True,
+    # `python -m` rather than the console script: works wherever nerfstudio is importable (venv, --target dirs)
+    out = subprocess.run([sys.executable, "-m", "nerfstudio.scripts.train", "evolsplat-ff", "--help"],
+                         capture_output=True, text=True,
                          timeout=300, env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr
     for opt in ("num-source-keyframes", "num-target-keyframes", "segment-overlap-ratio", "min-keyframes-per-scene",
@@ -67,7 +68,8 @@ def test_config_dataclasses_have_no_shared_mutable_defaults():
 
 def test_inspect_json(tmp_path):
     root = write_root(tmp_path / "r", num_scenes=2, num_frames=30, num_cams=2, size=(8, 12))
-    out = subprocess.run([str(BIN / "evolsplat-ns-inspect"), "--data", str(root), "--json"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "evolsplat_ns.cli.inspect", "--data", str(root), "--json"],
+                         capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     s = json.loads(out.stdout)
@@ -84,7 +86,7 @@ def test_inspect_json(tmp_path):
 
 
 def test_inspect_bad_input_is_one_line(tmp_path):
-    out = subprocess.run([str(BIN / "evolsplat-ns-inspect"), "--data", str(tmp_path / "missing")],
+    out = subprocess.run([sys.executable, "-m", "evolsplat_ns.cli.inspect", "--data", str(tmp_path / "missing")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]

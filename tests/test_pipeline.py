@@ -88,8 +88,10 @@ def trained(data_root, tmp_path_factory):
     from nerfstudio.engine.trainer import Trainer
 
     out = tmp_path_factory.mktemp("runs")
+    # every evaluation hook of the stock Trainer runs too (batch, one image, all images)
     cfg = small_config(data_root, out / "a", max_num_iterations=6, steps_per_save=3,
-                       save_only_latest_checkpoint=False)
+                       save_only_latest_checkpoint=False, steps_per_eval_batch=2, steps_per_eval_image=3,
+                       steps_per_eval_all_images=4)
     cfg.set_timestamp()
     cfg.save_config()  # what ns-train does before training
     trainer = Trainer(cfg, local_rank=0, world_size=1)

@@ -15,7 +15,7 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from evolsplat_ns.cameras import project_points
+from evolsplat_ns.cameras import project_points, rigid_inverse
 from evolsplat_ns.model.heads import mlp
 
 
@@ -70,7 +70,7 @@ class HemisphereBackground(nn.Module):
             means ``[M, 3]``, colours ``[M, 3]`` in [0, 1], scales ``[M, 3]`` (linear), opacities ``[M]`` (ones).
         """
         ref_c2w = ref_c2w.to(self.points.dtype)
-        target_in_ref = torch.linalg.solve(ref_c2w, target_c2w.to(ref_c2w.dtype))[:3, 3]
+        target_in_ref = (rigid_inverse(ref_c2w) @ target_c2w.to(ref_c2w.dtype))[:3, 3]  # no host sync
         local = self.points + self.center + torch.stack(
             [torch.zeros_like(target_in_ref[2]), torch.zeros_like(target_in_ref[2]), target_in_ref[2]])
         world = local @ ref_c2w[:3, :3].T + ref_c2w[:3, 3]
@@ -79,4 +79,4 @@ class HemisphereBackground(nn.Module):
         out = self.colour(feats[keep])
         rgb = 0.5 * (out[:, :3] + 1.0)
         scales = torch.exp(self.base_log_scale + out[:, 3:])  # Tanh residual: within e^(+-1) of the spacing
-        return world[keep], rgb, scales, torch.ones(int(keep.sum()), device=world.device, dtype=world.dtype)
+        return world[keep], rgb, scales, torch.ones_like(rgb[:, 0])

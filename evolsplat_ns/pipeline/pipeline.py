@@ -164,6 +164,7 @@ class EvolSplatPipeline(VanillaPipeline):
         model = self.ff_model
         o, gt = outs[0], batch.target.image[0]
         metrics = model.image_metrics(o["rgb"], gt)
+        metrics["num_rays"] = int(gt.shape[0] * gt.shape[1])  # the Trainer logs rendered pixels per second
         images = {"img": torch.cat([gt, o["rgb"], (o["rgb"] - gt).abs()], dim=1), "accumulation": o["accumulation"]}
         return metrics, images
 

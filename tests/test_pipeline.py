@@ -216,3 +216,20 @@ def test_non_finite_loss_leaves_weights_unchanged(data_root, tmp_path, monkeypat
     for i, st in opt_before["state"].items():
         assert torch.equal(st["exp_avg"], opt_after["state"][i]["exp_avg"])
     assert trainer.pipeline.skipped_steps == 1
+
+
+def test_freeze_volume_computes_the_volume_once_per_segment(data_root):
+    cfg = small_config(data_root)
+    cfg.pipeline.model.freeze_volume = True
+    pipe = cfg.pipeline.setup(device="cpu", test_mode="val")
+    model = pipe.ff_model
+    _, b0 = pipe.datamanager.next_train(0)
+    _, b1 = pipe.datamanager.next_train(1)
+    assert (b0.scene_id, b0.segment_id) == (b1.scene_id, b1.segment_id)
+    pipe.train_on_batch(b0, 0)
+    vol = model.segments.frozen_volume
+    assert vol is not None
+    assert all(p.grad is None for p in model.encoder.parameters())  # the U-Net gets no gradient when frozen
+    assert any(p.grad is not None for p in model.heads.parameters())
+    pipe.train_on_batch(b1, 1)
+    assert model.segments.frozen_volume is vol  # reused, not recomputed

@@ -10,6 +10,7 @@ Writes ``OUT/scene_000 ...`` in the multi-scene root format (docs/DATA_FORMAT.md
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the first C of: front, front-left, front-right (default 3)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-scene summary")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes rendering scenes in parallel (default 0: one per CPU core, at most one per scene)")
     return p
 
 
@@ -51,6 +54,7 @@ def main(argv: Optional[List[str]] = None) -> List[Path]:
     paths = generate_scenes(
         args.out, args.num_scenes, args.seed, args.height, args.width, num_frames=args.frames,
         num_cameras=args.cameras, quiet=args.quiet,
+        workers=args.workers if args.workers > 0 else min(os.cpu_count() or 1, max(args.num_scenes, 1)),
     )
     if not args.quiet:
         from nerfstudio.utils.rich_utils import CONSOLE

@@ -147,6 +147,14 @@ def write_scene(
     return final, stats
 
 
+def _make_and_write(seed, i, height, width, num_frames, num_cameras, out_dir, on_image=None):
+    """Render and write scene ``i`` (a top-level function so that worker processes can run it)."""
+    t0 = time.perf_counter()
+    scene = make_scene(seed, i, height=height, width=width, num_frames=num_frames, num_cameras=num_cameras)
+    path, st = write_scene(scene, out_dir, on_image=on_image or (lambda: None))
+    return path, st, scene.name, scene.params, time.perf_counter() - t0
+
+
 def generate_scenes(
     out_dir: Union[str, Path],
     num_scenes: int,
@@ -156,8 +164,11 @@ def generate_scenes(
     num_frames: int = 40,
     num_cameras: int = 3,
     quiet: bool = False,
+    workers: int = 1,
 ) -> List[Path]:
     """Generate ``num_scenes`` scenes ``scene_000 ...`` under ``out_dir``; returns their folders.
+
+    ``workers > 1`` renders scenes in that many processes (scenes are independent; the output is identical).
 
     Scene ``i`` depends only on ``(seed, i)`` and the sizes, so ``generate_scenes(..., num_scenes=8)`` writes the
     first 8 scenes of ``num_scenes=16`` byte for byte.
@@ -182,19 +193,28 @@ def generate_scenes(
     )
     with progress:
         task = progress.add_task("Rendering synthetic scenes", total=num_scenes * num_frames * num_cameras)
-        for i in range(num_scenes):
-            t0 = time.perf_counter()
-            scene = make_scene(seed, i, height=height, width=width, num_frames=num_frames, num_cameras=num_cameras)
-            path, st = write_scene(scene, out_dir, on_image=lambda: progress.advance(task))
+        if workers > 1 and num_scenes > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=min(workers, num_scenes)) as pool:
+                jobs = [pool.submit(_make_and_write, seed, i, height, width, num_frames, num_cameras, out_dir)
+                        for i in range(num_scenes)]
+                results = []
+                for job in jobs:
+                    results.append(job.result())
+                    progress.advance(task, num_frames * num_cameras)
+        else:
+            results = (_make_and_write(seed, i, height, width, num_frames, num_cameras, out_dir,
+                                       on_image=lambda: progress.advance(task)) for i in range(num_scenes))
+        for path, st, scene_name, p, seconds in results:
             paths.append(path)
             if not quiet:
-                p = scene.params
                 progress.console.print(
-                    f"[green]✓[/green] {scene.name} {p['district']}: {p['num_buildings']} bldg, "
+                    f"[green]✓[/green] {scene_name} {p['district']}: {p['num_buildings']} bldg, "
                     f"{p['num_cars']} cars, {p['num_trees']} trees | {p['speed_m_per_frame']:.2f} m/fr, yaw {p['yaw_range_deg']:.1f}°, "
                     f"hfov {p['hfov_deg']:.0f}° | sky {100 * st['sky_fraction']:.0f}%, depth "
                     f"{st['depth_range'][0]:.1f}-{st['depth_range'][1]:.0f} m | {st['seed_points']} pts | "
-                    f"{time.perf_counter() - t0:.1f} s",
+                    f"{seconds:.1f} s",
                     soft_wrap=True,
                 )
     extra = sorted(p.name for p in out_dir.glob("scene_*") if p.is_dir() and p not in paths)

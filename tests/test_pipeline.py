@@ -233,3 +233,13 @@ def test_freeze_volume_computes_the_volume_once_per_segment(data_root):
     assert any(p.grad is not None for p in model.heads.parameters())
     pipe.train_on_batch(b1, 1)
     assert model.segments.frozen_volume is vol  # reused, not recomputed
+
+
+def test_sparse_mode_handles_a_box_too_big_to_densify(data_root):
+    # 10 km x 1 km x 10 km at 0.1 m: a dense 16-channel volume would need ~6 PB; sparse sampling never allocates it
+    cfg = small_config(data_root)
+    cfg.pipeline.model.volume_aabb = (-5000.0, -500.0, -5000.0, 5000.0, 500.0, 5000.0)
+    pipe = cfg.pipeline.setup(device="cpu", test_mode="val")
+    _, batch = pipe.datamanager.next_train(0)
+    metrics = pipe.train_on_batch(batch, 0)
+    assert metrics["num_gaussians"] > 0 and metrics["view_loss_mean"] == metrics["view_loss_mean"]

@@ -160,6 +160,11 @@ def test_viewer_render_path(trained):
 
     cfg, _ = trained
     _, pipe, _, _ = eval_setup(cfg.get_base_dir() / "config.yml", test_mode="test")
+    # ns-viewer first walks every attribute of the pipeline looking for GUI elements: nothing may raise there
+    from nerfstudio.viewer.utils import parse_object
+    from nerfstudio.viewer.viewer_elements import ViewerElement
+
+    parse_object(pipe, ViewerElement, "pipeline")
     cams = pipe.datamanager.train_dataset.cameras[0:1]
     out = pipe.model.get_outputs_for_camera(cams)  # no segment chosen yet: the first eval segment is shown
     assert out["rgb"].shape == (24, 72, 3) and out["rgb"].std() > 0.01

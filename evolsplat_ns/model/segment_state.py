@@ -218,8 +218,14 @@ class SegmentStateStore(nn.Module):
 
     @property
     def current(self) -> Dict[str, Tensor]:
-        """The active segment's tensors (a live dict: in-place changes persist)."""
+        """The active segment's tensors (a live dict: in-place changes persist); raises without one."""
         return self._current_state().tensors
+
+    def __dir__(self):
+        # nerfstudio's viewer walks every public attribute of every module (getattr on each name, looking for
+        # viewer elements); ``current`` and ``frozen_volume`` raise or hold per-segment data, so keep them out
+        # of that walk. They stay ordinary attributes for code.
+        return [n for n in super().__dir__() if n not in ("current", "frozen_volume")]
 
     def get(self, scene_id: int, segment_id: int) -> Dict[str, Tensor]:
         """A segment's tensors, wherever they are (does not activate it)."""

@@ -9,7 +9,7 @@ PY="${PYTHON:-.venv/bin/python}"
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "GPU found: 16 synthetic scenes at 192x576, evolsplat-ff"
     SYNTH=(--num-scenes 16 --height 192 --width 576 --frames 40)
-    METHOD=evolsplat-ff; STEPS="${STEPS:-3000}"
+    METHOD=evolsplat-ff; STEPS="${STEPS:-800}"
     EXTRA=(--pipeline.datamanager.num-target-keyframes 2 --steps-per-save 1000
            --pipeline.model.pointcloud.outlier-removal False --pipeline.model.pointcloud.max-points 300000)
 else

@@ -31,7 +31,14 @@ def main():
     ap.add_argument("--num-voxels", type=int, default=813_000)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default="outputs/compare_torchsparse.json")
+    ap.add_argument("--no-tf32", action="store_true", help="torchsparse in full fp32 (it uses TF32 on sm80+)")
     args = ap.parse_args()
+    if args.no_tf32:
+        import torchsparse.backends
+
+        torchsparse.backends.init()
+        torchsparse.backends.allow_tf32 = False
+        torchsparse.backends.allow_fp16 = False
     dev = torch.device("cuda")
     torch.manual_seed(0)
     pts = street_points(args.num_voxels, 0.1, 0, "cpu").float().to(dev)
@@ -46,7 +53,7 @@ def main():
         b = ts(x).feats
     err = (a - b).abs().max().item()
     scale = a.abs().max().item()
-    report = {"num_voxels": int(vox.coords.shape[0]), "state_dict_load": str(missing),
+    report = {"torchsparse_tf32": not args.no_tf32, "num_voxels": int(vox.coords.shape[0]), "state_dict_load": str(missing),
               "max_abs_diff": err, "max_abs_value": scale, "allclose_1e-3_rel": bool(err <= 1e-3 * max(scale, 1e-6))}
 
     def fb(model, **kw):

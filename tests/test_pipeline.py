@@ -248,3 +248,20 @@ def test_sparse_mode_handles_a_box_too_big_to_densify(data_root):
     _, batch = pipe.datamanager.next_train(0)
     metrics = pipe.train_on_batch(batch, 0)
     assert metrics["num_gaussians"] > 0 and metrics["view_loss_mean"] == metrics["view_loss_mean"]
+
+
+def test_viewer_segment_chooser(trained):
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    cfg, _ = trained
+    _, pipe, _, _ = eval_setup(cfg.get_base_dir() / "config.yml", test_mode="test")
+    dd = pipe.viewer_segment
+    assert dd.options[0].startswith("eval") and any(o.startswith("train") for o in dd.options)
+    cams = pipe.datamanager.train_dataset.cameras[0:1]
+    first = pipe.model.get_outputs_for_camera(cams)["rgb"].clone()
+    choice = [o for o in dd.options if o.startswith("train")][-1]
+    dd.value = choice
+    dd.cb_hook(dd)  # what the GUI does on a change
+    out = pipe.model.get_outputs_for_camera(cams)["rgb"]
+    assert pipe.ff_model._display[1] == pipe._segment_labels[choice]
+    assert not torch.allclose(out, first)

@@ -32,6 +32,8 @@ class EvolSplatPipelineConfig(VanillaPipelineConfig):
     _target: Type = field(default_factory=lambda: EvolSplatPipeline)
     skip_non_finite: bool = True
     """A non-finite loss or gradient skips the step (weights and optimizer state unchanged) with a warning."""
+    viewer_refresh_every: int = 100
+    """During training, a segment chosen in the viewer is reconstructed again every this many steps."""
 
 
 class EvolSplatPipeline(VanillaPipeline):
@@ -47,9 +49,34 @@ class EvolSplatPipeline(VanillaPipeline):
         # The viewer and ns-eval render through get_outputs_for_camera: until a segment is chosen (or trained
         # on), show the first evaluation segment.
         self.ff_model.display_provider = self._default_display
+        self._viewer_choice: Optional[tuple] = None
+        self._viewer_pending = False
+        self._trained_steps = 0
+        self._segment_labels = self._make_segment_labels()
+        from nerfstudio.viewer.viewer_elements import ViewerDropdown
+
+        labels = list(self._segment_labels)
+        self.viewer_segment = ViewerDropdown("Segment to display", labels[0], labels, cb_hook=self._on_viewer_segment)
+
+    def _make_segment_labels(self) -> Dict[str, tuple]:
+        dm = self.datamanager
+        out: Dict[str, tuple] = {}
+        for role, ids in (("eval", dm.eval_scene_ids), ("train", dm.train_scene_ids)):
+            for sid in ids:
+                for seg in dm.index[sid].segments:
+                    out[f"{role} · scene {sid} ({dm.scenes[sid].name}) · segment {seg.segment_id}"] = (sid, seg.segment_id)
+        return out
+
+    def _on_viewer_segment(self, element) -> None:
+        """GUI thread: only record the choice; the reconstruction runs on the training / rendering thread."""
+        self._viewer_choice = self._segment_labels[element.value]
+        self._viewer_pending = True
+        if self._trained_steps == 0:  # ns-viewer on a checkpoint: the next render reconstructs it
+            self.ff_model._display = None
 
     def _default_display(self) -> None:
-        sid, seg = self.datamanager.eval_keys()[0]
+        sid, seg = self._viewer_choice or self.datamanager.eval_keys()[0]
+        self._viewer_pending = False
         self.show_segment(sid, seg)
 
     @torch.no_grad()
@@ -113,7 +140,12 @@ class EvolSplatPipeline(VanillaPipeline):
                 p.grad = None  # Adam skips parameters without gradient: weights and moments stay unchanged
             self.skipped_steps += 1
             logger.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step, self.skipped_steps)
-        model.set_display(shared.detached(), (batch.scene_id, batch.segment_id))
+        self._trained_steps += 1
+        if self._viewer_choice is None:
+            model.set_display(shared.detached(), (batch.scene_id, batch.segment_id))  # follow training
+        elif self._viewer_pending or step % max(1, self.config.viewer_refresh_every) == 0:
+            self._viewer_pending = False
+            self.show_segment(*self._viewer_choice)  # refresh the chosen segment with the current weights
         metrics: Dict[str, Any] = {
             "loss_value": total if finite else 0.0,
             "view_loss_mean": total,

@@ -265,3 +265,23 @@ def test_viewer_segment_chooser(trained):
     out = pipe.model.get_outputs_for_camera(cams)["rgb"]
     assert pipe.ff_model._display[1] == pipe._segment_labels[choice]
     assert not torch.allclose(out, first)
+
+
+def test_infer_with_a_truncated_checkpoint_is_one_clear_line(trained, data_root, tmp_path, capsys):
+    import shutil
+
+    from evolsplat_ns.cli.infer import InferArgs, main
+
+    cfg, _ = trained
+    bad = copy.deepcopy(cfg)
+    bad.output_dir = tmp_path / "copy"
+    bad.save_config()
+    shutil.copytree(cfg.get_checkpoint_dir(), bad.get_checkpoint_dir())
+    for ck in bad.get_checkpoint_dir().glob("*.ckpt"):
+        ck.write_bytes(ck.read_bytes()[:1000])  # truncated
+    with pytest.raises(SystemExit) as ei:
+        main(InferArgs(load_config=bad.get_base_dir() / "config.yml", data=data_root / "scene_002",
+                       output=tmp_path / "o"))
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert "checkpoint" in err and "error:" in err and "Traceback" not in err

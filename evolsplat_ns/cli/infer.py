@@ -59,7 +59,14 @@ def infer(args: InferArgs) -> Dict[str, object]:
         dm.dataparser.eval_holdout = args.holdout
         return config
 
-    _, pipeline, ckpt, step = eval_setup(args.load_config, test_mode="test", update_config_callback=retarget)
+    try:
+        _, pipeline, ckpt, step = eval_setup(args.load_config, test_mode="test", update_config_callback=retarget)
+    except (RuntimeError, EOFError, KeyError, OSError, ValueError) as e:  # torch.load of a truncated/foreign file
+        if isinstance(e, DataValidationError):
+            raise
+        raise DataValidationError(args.load_config.parent / "nerfstudio_models", "checkpoint",
+                                  "a complete evolsplat-ff checkpoint (step-*.ckpt) matching this config",
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from e
     model = pipeline.ff_model
     model.segments.clear()  # the checkpoint's segments belong to its own training scenes
     out = Path(args.output)

@@ -252,16 +252,19 @@ class EvolSplatDataManager(DataManager):
         ids = self.eval_scene_ids or self.train_scene_ids
         return [(sid, seg.segment_id) for sid in ids for seg in self.index[sid].segments]
 
+    def eval_batch(self, scene_id: int, segment_id: int) -> SegmentBatch:
+        """The fixed (deterministic) evaluation batch of one segment."""
+        return self.make_batch(scene_id, segment_id, self.select(scene_id, segment_id, None), True)
+
     def eval_batches(self) -> Iterator[SegmentBatch]:
         """Deterministic evaluation batches (fixed selection), one per eval segment."""
         for sid, seg in self.eval_keys():
-            yield self.make_batch(sid, seg, self.select(sid, seg, None), True)
+            yield self.eval_batch(sid, seg)
 
     def next_eval(self, step: int) -> Tuple[Cameras, SegmentBatch]:  # type: ignore[override]
         self.eval_count += 1
         keys = self.eval_keys()
-        sid, seg = keys[int(step) % len(keys)]
-        batch = self.make_batch(sid, seg, self.select(sid, seg, None), True)
+        batch = self.eval_batch(*keys[int(step) % len(keys)])
         return self.target_cameras(batch), batch
 
     def next_eval_image(self, step: int) -> Tuple[Cameras, SegmentBatch]:  # type: ignore[override]

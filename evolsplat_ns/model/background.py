@@ -15,8 +15,11 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from evolsplat_ns.cameras import project_points, rigid_inverse
+from einops import rearrange
+
+from evolsplat_ns.cameras import rigid_inverse
 from evolsplat_ns.model.heads import mlp
+from evolsplat_ns.model.window_features import sample_windows
 
 
 def fibonacci_hemisphere(n: int, radius: float) -> Tensor:
@@ -30,21 +33,16 @@ def fibonacci_hemisphere(n: int, radius: float) -> Tensor:
 
 
 def sample_colours(points: Tensor, images: Tensor, c2w: Tensor, K: Tensor) -> Tuple[Tensor, Tensor]:
-    """Bilinear RGB of each source view at each point's projection.
+    """Bilinear RGB of each source view at each point's projection (the window sampler with R = 0).
 
     Args:
         points ``[N, 3]``, images ``[V, H, W, 3]``, c2w ``[V, 4, 4]`` OpenCV, K ``[V, 3|4, 3|4]``.
     Returns:
         colours ``[N, V * 3]`` (zero where invalid), valid ``[N, V]`` (in front of the camera and inside the image).
     """
-    V, H, W, _ = images.shape
-    uv, z = project_points(points, c2w, K)  # [V, N, 2], [V, N]
-    valid = (z > 0) & (uv[..., 0] >= 0) & (uv[..., 0] <= W) & (uv[..., 1] >= 0) & (uv[..., 1] <= H)
-    grid = torch.stack([2 * uv[..., 0] / W - 1, 2 * uv[..., 1] / H - 1], -1).unsqueeze(1)  # [V, 1, N, 2]
-    rgb = torch.nn.functional.grid_sample(images.permute(0, 3, 1, 2), grid.to(images.dtype), mode="bilinear",
-                                          padding_mode="border", align_corners=False)  # [V, 3, 1, N]
-    rgb = rgb[:, :, 0].permute(2, 0, 1) * valid.T.unsqueeze(-1)  # [N, V, 3]
-    return rgb.reshape(points.shape[0], V * 3), valid.T
+    rgb, valid, _, _ = sample_windows(points, images, c2w, K, radius=0)  # [V, N, 1, 3], [V, N, 1]
+    rgb = rgb[:, :, 0] * valid[..., :1]  # [V, N, 3]
+    return rearrange(rgb, "v n c -> n (v c)"), valid[:, :, 0].T
 
 
 class HemisphereBackground(nn.Module):

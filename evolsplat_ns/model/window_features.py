@@ -53,6 +53,30 @@ def _to_grid(uv: Tensor, width: int, height: int) -> Tensor:
     return uv * scale - 1.0
 
 
+def sample_windows(points: Tensor, images: Tensor, c2w: Tensor, K: Tensor, radius: int = 1, *,
+                   min_depth: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Project points into the views and sample a ``(2R+1)^2`` window of bilinear RGB around each projection.
+
+    Returns:
+        rgb ``[V, N, S, 3]`` (not yet zeroed where invalid), valid ``[V, N, S]`` (in front of the camera and inside
+        the image), uv ``[V, N, 2]`` and z ``[V, N]`` of the projections (dtype of ``images``).
+    """
+    V, H, W, _ = images.shape
+    N = points.shape[0]
+    dtype = images.dtype
+    S = (2 * radius + 1) ** 2
+    uv, z = project_points(points.to(c2w.dtype), c2w, K.to(c2w.dtype))  # [V, N, 2], [V, N]
+    uv, z = uv.to(dtype), z.to(dtype)
+    offsets = window_offsets(radius, device=points.device, dtype=dtype)  # [S, 2]
+    win = uv[:, :, None, :] + offsets  # [V, N, S, 2]
+    inside = (win[..., 0] >= 0) & (win[..., 0] < W) & (win[..., 1] >= 0) & (win[..., 1] < H)
+    valid = inside & (z > min_depth)[:, :, None]  # [V, N, S]
+    grid = rearrange(_to_grid(win, W, H), "v n s xy -> v (n s) 1 xy")
+    img = rearrange(images, "v h w c -> v c h w")
+    rgb = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return rearrange(rgb, "v c (n s) 1 -> v n s c", n=N, s=S), valid, uv, z
+
+
 def sample_window_features(
     points: Tensor,
     images: Tensor,
@@ -85,23 +109,10 @@ def sample_window_features(
     padding: the continuous position ``u`` maps to ``x = 2u/W - 1``, so a position ``(j + 0.5, i + 0.5)`` returns
     pixel ``[i, j]`` exactly; valid samples within half a pixel of the border replicate the border pixels.
     """
-    V, H, W, _ = images.shape
-    N = points.shape[0]
+    _, H, W, _ = images.shape
     dtype = images.dtype
     S = (2 * radius + 1) ** 2
-
-    uv, z = project_points(points.to(c2w.dtype), c2w, K.to(c2w.dtype))  # [V, N, 2], [V, N]
-    uv, z = uv.to(dtype), z.to(dtype)
-    offsets = window_offsets(radius, device=points.device, dtype=dtype)  # [S, 2]
-    win = uv[:, :, None, :] + offsets  # [V, N, S, 2]
-
-    inside = (win[..., 0] >= 0) & (win[..., 0] < W) & (win[..., 1] >= 0) & (win[..., 1] < H)
-    valid = inside & (z > min_depth)[:, :, None]  # [V, N, S]
-
-    grid = rearrange(_to_grid(win, W, H), "v n s xy -> v (n s) 1 xy")
-    img = rearrange(images, "v h w c -> v c h w")
-    rgb = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    rgb = rearrange(rgb, "v c (n s) 1 -> v n s c", n=N, s=S)
+    rgb, valid, uv, z = sample_windows(points, images, c2w, K, radius, min_depth=min_depth)
 
     centre = rearrange(_to_grid(uv, W, H), "v n xy -> v n 1 xy")
     dmap = rearrange(depths.to(dtype), "v h w -> v 1 h w")

@@ -49,12 +49,12 @@ def multiview_backward(
     """
     scale = scale or (lambda x: x)
     leaves = cut(shared)
-    losses: List[float] = []
+    losses: List[Tensor] = []
     ctx = no_sync if no_sync is not None else contextlib.nullcontext
     with ctx():
         for v in range(num_views):
             loss = view_loss(leaves, v)
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
             scale(loss / num_views).backward()
     outs, grads = [], []
     for k, t in shared.items():
@@ -64,7 +64,4 @@ def multiview_backward(
             grads.append(g)
     if outs:
         torch.autograd.backward(outs, grads)
-    else:
-        # Nothing shared carries gradient; still run one synchronising backward so DDP sees a final pass.
-        pass
-    return losses
+    return torch.stack(losses).tolist()  # one host sync for all views

@@ -11,6 +11,7 @@ detached copy of the true loss (a fresh leaf): its backward touches no parameter
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Type
@@ -82,9 +83,7 @@ class EvolSplatPipeline(VanillaPipeline):
     @torch.no_grad()
     def show_segment(self, scene_id: int, segment_id: int):
         """Reconstruct (scene, segment) from its fixed evaluation views and make it what the viewer renders."""
-        dm = self.datamanager
-        batch = dm.make_batch(scene_id, segment_id, dm.select(scene_id, segment_id, None), True)
-        return self.reconstruct(batch)
+        return self.reconstruct(self.datamanager.eval_batch(scene_id, segment_id))
 
     # ----------------------------------------------------------------------------------------------- segments
     @property
@@ -120,12 +119,12 @@ class EvolSplatPipeline(VanillaPipeline):
         self.shared_extractions += 1
         tgt = batch.target
         T, H, W = len(tgt), tgt.height, tgt.width
-        parts: List[Dict[str, float]] = []
+        parts: List[Dict[str, torch.Tensor]] = []
 
         def view_loss(leaves, v):
             out = model.render_view(leaves, shared, tgt.extrinsics[v], tgt.intrinsics[v], H, W)
             ld = model.view_loss(out, tgt.image[v], step)
-            parts.append({k: float(x.detach()) for k, x in ld.items()})
+            parts.append({k: x.detach() for k, x in ld.items()})  # read back once, after all views
             return sum(ld.values())
 
         scaler = self.grad_scaler if (self.grad_scaler is not None and self.grad_scaler.is_enabled()) else None
@@ -133,8 +132,9 @@ class EvolSplatPipeline(VanillaPipeline):
         losses = multiview_backward(shared.tensors, view_loss, T, scale=scaler.scale if scaler else None,
                                     no_sync=no_sync)
         total = sum(losses) / T
-        finite = torch.isfinite(torch.tensor(total)) and all(
-            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        finite = math.isfinite(total) and (
+            not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()))  # one host sync
         if not finite and self.config.skip_non_finite:
             for p in model.parameters():
                 p.grad = None  # Adam skips parameters without gradient: weights and moments stay unchanged
@@ -155,7 +155,7 @@ class EvolSplatPipeline(VanillaPipeline):
             "skipped_steps": self.skipped_steps,
         }
         for key in parts[0]:
-            metrics[key] = sum(p.get(key, 0.0) for p in parts) / T
+            metrics[key] = float(sum(p[key] for p in parts if key in p)) / T
         return metrics
 
     # ----------------------------------------------------------------------------------------------- eval

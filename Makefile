@@ -18,6 +18,16 @@ sysdeps:
 			echo "open3d needs libusb-1.0-0: run 'sudo apt-get install -y libusb-1.0-0'"; exit 1; \
 		fi; \
 	fi
+	@# headless Chromium for the browser viewer test (tests/test_viewer_browser.py skips, saying why, without it)
+	@if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then \
+		if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+			echo "installing chromium + chromium-driver (browser viewer test)"; \
+			{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+				|| echo "chromium could not be installed: the browser viewer test will be skipped"; \
+		else \
+			echo "chromium not installed (needs root + apt): the browser viewer test will be skipped"; \
+		fi; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)

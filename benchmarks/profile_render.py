@@ -1,4 +1,5 @@
-"""Where the time of one view goes (B2): torch.profiler over render_view at KITTI-360 size.
+"""Where the time goes at KITTI-360 size: torch.profiler over render_view (B2) and over the shared extraction of a
+segment seen for the first time, kernel maps included (B1).
 
 Usage (GPU machine): ``python benchmarks/profile_render.py``
 """
@@ -37,6 +38,20 @@ def main():
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
+    with torch.no_grad():
+        for _ in range(2):
+            model.segments.clear_caches()
+            model.extract_shared(batch)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                model.segments.clear_caches()
+                with torch.profiler.record_function("extract_shared_first_time"):
+                    model.extract_shared(batch)
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
 
 
 if __name__ == "__main__":

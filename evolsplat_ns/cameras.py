@@ -165,3 +165,111 @@ def from_nerfstudio_cameras(cameras) -> tuple[torch.Tensor, torch.Tensor]:
     K[:, 1, 2] = cameras.cy.reshape(-1)
     K[:, 2, 2] = 1.0
     return c2w, K
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conventions of the real-data layouts (evolsplat_ns.data.layouts). Each returns OpenCV camera-to-world matrices
+# in the data's own world frame; the layouts then re-express them relative to the first front-camera image.
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Columns are the OpenCV camera axes (x right, y down, z forward) written in Waymo camera axes (x forward,
+#: y left, z up): ``c2w_opencv = c2w_waymo_camera @ WAYMO_CAMERA_TO_OPENCV`` (DriveStudio's Waymo extrinsics).
+WAYMO_CAMERA_TO_OPENCV = np.array(
+    [[0.0, 0.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+)
+
+
+def waymo_camera_to_opencv(c2w_waymo: np.ndarray) -> np.ndarray:
+    """Camera-to-X ``[..., 4, 4]`` with Waymo camera axes (x forward, y left, z up) -> OpenCV camera axes."""
+    return np.asarray(c2w_waymo, dtype=np.float64) @ WAYMO_CAMERA_TO_OPENCV
+
+
+def rigid_matrix(R: np.ndarray, t) -> np.ndarray:
+    """``[4, 4]`` float64 from a rotation ``[3, 3]`` and a translation ``[3]``."""
+    T = np.eye(4)
+    T[:3, :3] = np.asarray(R, dtype=np.float64)
+    T[:3, 3] = np.asarray(t, dtype=np.float64).reshape(3)
+    return T
+
+
+def quaternion_wxyz_to_matrix(w: float, x: float, y: float, z: float) -> np.ndarray:
+    """Unit quaternion (scalar first, Hamilton convention; normalised here) -> rotation ``[3, 3]``."""
+    q = np.array([w, x, y, z], dtype=np.float64)
+    n = np.linalg.norm(q)
+    if not np.isfinite(n) or n < 1e-12:
+        raise ValueError(f"quaternion {q.tolist()} has no direction")
+    w, x, y, z = q / n
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+            [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+            [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+def matrix_to_quaternion_wxyz(R: np.ndarray) -> np.ndarray:
+    """Rotation ``[3, 3]`` -> unit quaternion ``[4]`` (w, x, y, z), w >= 0. Inverse of :func:`quaternion_wxyz_to_matrix`."""
+    R = np.asarray(R, dtype=np.float64)
+    # Shepperd's method: pick the largest of the four squared components for numerical stability.
+    tr = np.trace(R)
+    cands = np.array([tr, R[0, 0], R[1, 1], R[2, 2]])
+    i = int(np.argmax(cands))
+    if i == 0:
+        s = 2.0 * np.sqrt(1.0 + tr)
+        q = [0.25 * s, (R[2, 1] - R[1, 2]) / s, (R[0, 2] - R[2, 0]) / s, (R[1, 0] - R[0, 1]) / s]
+    elif i == 1:
+        s = 2.0 * np.sqrt(1.0 + R[0, 0] - R[1, 1] - R[2, 2])
+        q = [(R[2, 1] - R[1, 2]) / s, 0.25 * s, (R[0, 1] + R[1, 0]) / s, (R[0, 2] + R[2, 0]) / s]
+    elif i == 2:
+        s = 2.0 * np.sqrt(1.0 + R[1, 1] - R[0, 0] - R[2, 2])
+        q = [(R[0, 2] - R[2, 0]) / s, (R[0, 1] + R[1, 0]) / s, 0.25 * s, (R[1, 2] + R[2, 1]) / s]
+    else:
+        s = 2.0 * np.sqrt(1.0 + R[2, 2] - R[0, 0] - R[1, 1])
+        q = [(R[1, 0] - R[0, 1]) / s, (R[0, 2] + R[2, 0]) / s, (R[1, 2] + R[2, 1]) / s, 0.25 * s]
+    q = np.asarray(q)
+    q /= np.linalg.norm(q)
+    return -q if q[0] < 0 else q
+
+
+def pandaset_pose_to_c2w(pose: dict) -> np.ndarray:
+    """A PandaSet pose ``{"position": {x, y, z}, "heading": {w, x, y, z}}`` -> ``[4, 4]`` sensor-to-world.
+
+    For cameras the sensor axes are already OpenCV's (PandaSet projects with ``inv(pose)`` and a plain pinhole).
+    """
+    p, h = pose["position"], pose["heading"]
+    R = quaternion_wxyz_to_matrix(h["w"], h["x"], h["y"], h["z"])
+    return rigid_matrix(R, [p["x"], p["y"], p["z"]])
+
+
+#: WGS84 equatorial radius (metres) used by KITTI's Mercator projection of the OXTS positions.
+EARTH_RADIUS_M = 6378137.0
+
+
+def oxts_mercator_scale(lat0_deg: float) -> float:
+    """Mercator scale of a KITTI drive: ``cos(latitude of its first OXTS packet)``."""
+    return float(np.cos(np.deg2rad(lat0_deg)))
+
+
+def oxts_to_pose(lat: float, lon: float, alt: float, roll: float, pitch: float, yaw: float, scale: float) -> np.ndarray:
+    """KITTI OXTS packet -> IMU-to-world ``[4, 4]`` (world: Mercator east/north/up in metres; IMU axes: x forward,
+    y left, z up). Angles in radians, ``R = Rz(yaw) Ry(pitch) Rx(roll)`` — the KITTI devkit's conversion."""
+    tx = scale * np.deg2rad(lon) * EARTH_RADIUS_M
+    ty = scale * EARTH_RADIUS_M * np.log(np.tan(np.deg2rad(90.0 + lat) / 2.0))
+    cr, sr, cp, sp, cy, sy = np.cos(roll), np.sin(roll), np.cos(pitch), np.sin(pitch), np.cos(yaw), np.sin(yaw)
+    Rx = np.array([[1, 0, 0], [0, cr, -sr], [0, sr, cr]])
+    Ry = np.array([[cp, 0, sp], [0, 1, 0], [-sp, 0, cp]])
+    Rz = np.array([[cy, -sy, 0], [sy, cy, 0], [0, 0, 1]])
+    return rigid_matrix(Rz @ Ry @ Rx, [tx, ty, alt])
+
+
+def kitti_rectified_camera(P_rect: np.ndarray) -> tuple:
+    """KITTI ``P_rect_0i`` ``[3, 4]`` -> (``K`` ``[3, 3]``, ``[4, 4]`` rectified camera 0 -> rectified camera i).
+
+    ``P_rect_0i = K [I | t]`` projects points of the rectified camera-0 frame; camera i is camera 0 shifted by
+    ``t = K^-1 P[:, 3]`` (mostly along x: the stereo baseline).
+    """
+    P = np.asarray(P_rect, dtype=np.float64).reshape(3, 4)
+    K = P[:, :3].copy()
+    t = np.linalg.solve(K, P[:, 3])
+    return K, rigid_matrix(np.eye(3), t)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from evolsplat_ns.engine.schedulers import FloatExponentialDecaySchedulerConfig
+from evolsplat_ns.engine.trainer import EvolSplatTrainerConfig
 from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
@@ -20,8 +21,9 @@ from evolsplat_ns.pipeline.pipeline import EvolSplatPipelineConfig
 
 
 def make_trainer_config() -> TrainerConfig:
-    """The ``evolsplat-ff`` defaults (reference constants, SPEC)."""
-    return TrainerConfig(
+    """The ``evolsplat-ff`` defaults (reference constants, SPEC). The trainer is nerfstudio's, with atomic
+    checkpoints, checkpoint checks before any long work and one-line errors (:mod:`evolsplat_ns.engine.trainer`)."""
+    return EvolSplatTrainerConfig(
         method_name="evolsplat-ff",
         steps_per_eval_batch=500,
         steps_per_eval_image=500,

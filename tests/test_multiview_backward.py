@@ -66,3 +66,29 @@ def test_no_retained_graph_needed():
     targets = torch.randn(2, 3, 2, dtype=torch.float64)
     multiview_backward(m.extract(x), lambda s, v: m.view_loss(s, v, targets), 2)
     assert all(p.grad is not None for p in m.parameters())
+
+
+def test_custom_final_backward_gets_the_shared_outputs_once():
+    # multi-GPU: the final backward goes through DDP (evolsplat_ns.pipeline.distributed.final_backward)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    targets = torch.randn(3, 4, 2, dtype=torch.float64)
+    m = Toy().double()
+    multiview_backward(m.extract(x), lambda s, v: m.view_loss(s, v, targets), 3)
+    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    calls = []
+
+    def final(outs, grads):
+        calls.append(len(outs))
+        torch.autograd.backward(outs, grads)
+
+    multiview_backward(m.extract(x), lambda s, v: m.view_loss(s, v, targets), 3, final_backward=final)
+    assert calls == [2]  # feat and offset carry gradient; const does not
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=0, atol=0)
+    # called even when no shared output carries gradient (DDP still has to synchronise)
+    calls.clear()
+    with torch.no_grad():
+        frozen = m.extract(x)
+    multiview_backward(frozen, lambda s, v: m.view_loss(s, v, targets), 2, final_backward=final)
+    assert calls == [0]

@@ -285,3 +285,47 @@ def test_infer_with_a_truncated_checkpoint_is_one_clear_line(trained, data_root,
     assert ei.value.code == 2
     err = capsys.readouterr().err
     assert "checkpoint" in err and "error:" in err and "Traceback" not in err
+
+
+def test_joint_composite_and_frustum_culling_match_the_reference_composite(data_root, monkeypatch):
+    """The fast render paths keep the reference image: culling points to the view frustum changes neither the
+    image nor the gradients; one joint rasterization of foreground + dome gives the foreground accumulation
+    exactly and ``fg + (1 - alpha_fg) bg`` up to the rasterizer's early stop (a pixel stops before the Gaussian
+    that would take its transmittance below 1e-4, which can drop up to T_fg of the dome behind opaque foreground)."""
+    import evolsplat_ns.model.evolsplat as evolsplat_module
+
+    monkeypatch.setattr(evolsplat_module, "CULL_MIN_FRACTION", 1.01)  # cull whatever the fraction
+    pipe = small_config(data_root).pipeline.setup(device="cpu", test_mode="val")
+    model = pipe.ff_model
+    _, batch = pipe.datamanager.next_train(0)
+    pipe.activate(batch.scene_id, batch.segment_id)
+    model.eval()
+    shared = model.extract_shared(batch)
+    tgt = batch.target
+    results = {}
+    for composite, cull in [("separate", False), ("separate", True), ("joint", False), ("joint", True)]:
+        model.config.composite, model.config.view_cull = composite, cull
+        f3 = shared.tensors["f3"].detach().requires_grad_(True)
+        out = model.render_view({"f3": f3, "means": shared.tensors["means"].detach()}, shared, tgt.extrinsics[0],
+                                tgt.intrinsics[0], tgt.height, tgt.width)
+        (out["rgb"].sum() + out["accumulation"].sum()).backward()
+        results[(composite, cull)] = (out["rgb"].detach(), out["accumulation"].detach(), f3.grad.clone())
+    for composite in ("separate", "joint"):
+        full, culled = results[(composite, False)], results[(composite, True)]
+        for a, b in zip(full, culled):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), composite
+    ref, joint = results[("separate", False)], results[("joint", False)]
+    assert ref[1].max() > 0.2 and ref[0].std() > 0.01  # a real picture, not an empty one
+    assert torch.allclose(joint[1], ref[1], atol=1e-5)
+    diff = (joint[0] - ref[0]).abs()
+    assert diff.max() < 0.1 and diff.mean() < 2e-3, (float(diff.max()), float(diff.mean()))
+    # culling really drops points: some of the segment lies outside this view
+    from evolsplat_ns.model.render import visible_gaussians
+
+    means = shared.tensors["means"]
+    far = torch.tensor([0.0, 0.0, -50.0]) @ tgt.extrinsics[0][:3, :3].T + tgt.extrinsics[0][:3, 3]  # behind
+    side = torch.tensor([1e4, 0.0, 10.0]) @ tgt.extrinsics[0][:3, :3].T + tgt.extrinsics[0][:3, 3]  # far right
+    pts = torch.cat([means, far[None], side[None]])
+    keep = visible_gaussians(pts, torch.full_like(pts, 0.05), tgt.extrinsics[0], tgt.intrinsics[0], tgt.height,
+                             tgt.width)
+    assert keep.numel() > 0 and len(pts) - 2 not in keep.tolist() and len(pts) - 1 not in keep.tolist()

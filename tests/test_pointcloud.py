@@ -604,3 +604,29 @@ def test_generation_without_open3d(street, monkeypatch, tmp_path):
     np.testing.assert_array_equal(without.points, with_o3d.points)
     np.testing.assert_array_equal(without.colours, with_o3d.colours)
     assert PointCloudCache(tmp_path / "a").get(make_generator(), street, seg).from_cache  # reads open3d's file
+
+
+def test_knn_scales_cached_beside_the_cloud(tmp_path, monkeypatch):
+    """The initial scales (KNN over the cloud) are computed once per cache entry, then read back; a stale or
+    corrupt side file is recomputed, never trusted."""
+    from evolsplat_ns.pointcloud import cache as cache_mod
+    from evolsplat_ns.pointcloud import init as init_mod
+
+    rng = np.random.default_rng(3)
+    pts = rng.uniform(-5, 5, (400, 3)).astype(np.float32)
+    entry = tmp_path / "0-abc.ply"
+    pc = cache_mod.SegmentPointCloud(0, "s", 0, pts, np.zeros_like(pts), entry, True, 0.0)
+    d = pc.knn_distance()
+    assert np.allclose(d, knn_mean_distance(pts)) and entry.with_suffix(".knn.npy").exists()
+    assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left behind
+
+    def fail(*a, **k):
+        raise AssertionError("KNN recomputed although cached")
+
+    monkeypatch.setattr(init_mod, "knn_mean_distance", fail)
+    assert np.array_equal(pc.knn_distance(), d)
+    monkeypatch.undo()
+    np.save(entry.with_suffix(".knn.npy"), d[:10])  # stale: another cloud's size
+    assert np.allclose(pc.knn_distance(), d)
+    g = init_gaussians(pts, np.zeros_like(pts), knn_distance=d)
+    assert torch.allclose(g["log_scales"], init_gaussians(pts, np.zeros_like(pts))["log_scales"])

@@ -84,3 +84,47 @@ def test_bad_options():
         SegmentScheduler(SEGS, 1, segment_order="shuffled")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         SegmentScheduler({}, 1)
+
+
+@pytest.mark.parametrize("partition", ["segment", "scene"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_partition_gives_every_segment_one_owner(partition, world):
+    segs = {0: [0, 1, 2], 3: [0, 1], 5: [0, 1, 2, 3], 8: [0]}
+    scheds = [SegmentScheduler(segs, 1, "random", "random", seed=4, rank=r, world_size=world, partition=partition)
+              for r in range(world)]
+    owners = scheds[0].owners
+    assert all(s.owners == owners for s in scheds)  # every rank computes the same assignment
+    assert sorted(owners) == sorted((sc, sg) for sc in segs for sg in segs[sc])
+    loads = [sum(1 for o in owners.values() if o == r) for r in range(world)]
+    assert min(loads) >= 1
+    if partition == "segment":
+        assert max(loads) - min(loads) <= 1
+    else:  # whole scenes per rank
+        assert all(len({owners[(sc, sg)] for sg in segs[sc]}) == 1 for sc in segs)
+    for p in range(5):  # a rank's pass is the global pass restricted to its own segments, in the same order
+        full = SegmentScheduler(segs, 1, "random", "random", seed=4).plan(p)
+        for r, s in enumerate(scheds):
+            assert s.plan(p) == [k for k in full if owners[k] == r]
+    # same seed and world size: the same assignment, so a resumed run keeps every segment on its rank
+    again = SegmentScheduler(segs, 1, seed=4, rank=0, world_size=world, partition=partition)
+    assert again.owners == owners
+
+
+def test_rank_resume_is_exact_and_checked():
+    a = SegmentScheduler(SEGS, 2, seed=3, rank=1, world_size=2)
+    _keys(a, 7)
+    state = a.state_dict()
+    rest = _keys(a, 20)
+    b = SegmentScheduler(SEGS, 2, seed=3, rank=1, world_size=2)
+    b.load_state_dict(state)
+    assert _keys(b, 20) == rest
+    with pytest.raises(ConfigError, match="rank 1 of 2"):
+        SegmentScheduler(SEGS, 2, seed=3, rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(ConfigError):
+        SegmentScheduler(SEGS, 2, seed=3).load_state_dict(state)
+    b.restart(9)
+    assert b.state_dict()["pass"] == 9 and b.state_dict()["cursor"] == 0
+    with pytest.raises(ConfigError):
+        SegmentScheduler(SEGS, 1, rank=2, world_size=2)
+    with pytest.raises(ConfigError):
+        SegmentScheduler(SEGS, 1, rank=0, world_size=4, partition="scene")  # 3 scenes for 4 processes

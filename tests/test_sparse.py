@@ -83,10 +83,12 @@ def test_kernel_offset_ordering_and_weight_layout():
     assert torch.equal(dense_weight_to_sparse(Dt, transposed=True), W)
 
 
-def test_coord_index_lookup():
+@pytest.mark.parametrize("dense_cells", [0, 1 << 26], ids=["sorted-keys", "dense-table"])
+def test_coord_index_lookup(dense_cells):
     c = random_coords((9, 9, 9), 0.2, batch=2, seed=1)
     c[:, 1] -= 3  # negative coordinates are fine for the hash
-    idx = CoordIndex(c)
+    idx = CoordIndex(c, dense_cells=dense_cells)
+    assert (idx.table is not None) == (dense_cells > 0)
     assert torch.equal(idx.lookup(c), torch.arange(len(c)))
     occ = {tuple(r) for r in c.tolist()}
     q = torch.cat([torch.randint(0, 2, (500, 1)), torch.randint(-6, 12, (500, 3))], 1)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Callable, TypeVar
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional, TypeVar
 
 from evolsplat_ns.data.errors import ConfigError, DataValidationError
 
@@ -12,11 +15,47 @@ T = TypeVar("T")
 EXIT_BAD_INPUT = 2
 
 
+#: Set to 1 to get the full traceback from nerfstudio's own commands (ns-train, ns-eval, ...) on bad input.
+VERBOSE_ENV = "EVOLSPLAT_NS_VERBOSE"
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Bad input or options (reported as one line) rather than a bug (reported with its traceback)."""
+    if isinstance(e, (DataValidationError, ConfigError)):
+        return True
+    # imported lazily: the point-cloud side pulls in torch
+    return type(e).__name__ == "EmptyPointCloudError" and type(e).__module__.startswith("evolsplat_ns.")
+
+
 def run_cli(fn: Callable[[], T], verbose: bool) -> T:
     try:
         return fn()
-    except (DataValidationError, ConfigError) as e:
-        if verbose:
+    except Exception as e:  # noqa: BLE001 - only user errors are caught, the rest is re-raised
+        if verbose or not is_user_error(e):
             raise
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+
+
+def nerfstudio_command() -> Optional[str]:
+    """The nerfstudio command this process runs ('ns-train', 'nerfstudio.scripts.eval', ...), else None."""
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None) or ""
+    if spec_name.startswith("nerfstudio.scripts."):
+        return spec_name
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return prog if prog.startswith("ns-") else None
+
+
+@contextmanager
+def one_line_errors_in_nerfstudio_commands() -> Iterator[None]:
+    """Inside nerfstudio's own commands (ns-train, ns-eval, ns-viewer, ns-render, ns-export), bad input becomes
+    one ``error:`` line on stderr and exit code 2 instead of a traceback (set EVOLSPLAT_NS_VERBOSE=1 to get it).
+    Anywhere else (Python, tests, the evolsplat-ns-* commands, which use :func:`run_cli`) the exception passes."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only user errors are converted
+        if not is_user_error(e) or nerfstudio_command() is None or os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
+            raise
+        print(f"error: {e}  [{VERBOSE_ENV}=1 shows the traceback]", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_INPUT) from None

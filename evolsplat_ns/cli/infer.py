@@ -41,19 +41,20 @@ def infer(args: InferArgs) -> Dict[str, object]:
     import torch
     from nerfstudio.utils.eval_utils import eval_setup
 
-    from evolsplat_ns.data.dataparser import find_scene_dirs
+    from evolsplat_ns.data.layouts import find_layout_scenes
     from evolsplat_ns.data.errors import DataValidationError
     from evolsplat_ns.export.ply import write_gaussian_ply
     from evolsplat_ns.pipeline.pipeline import _save_side_by_side
 
     if not args.load_config.exists():
         raise DataValidationError(args.load_config, None, "an existing config.yml of a trained run")
-    n_scenes = len(find_scene_dirs(args.data))
+    n_scenes = len(find_layout_scenes(args.data, "auto"))  # any layout (multiscene, reference, drivestudio, ...)
 
     def retarget(config):
         dm = config.pipeline.datamanager
         dm.data = args.data
         dm.dataparser.data = args.data
+        dm.dataparser.layout = "auto"  # the new data may come in another layout; cameras / downscale carry over
         dm.dataparser.train_scene_ids = tuple(range(n_scenes))
         dm.dataparser.eval_scene_ids = tuple(range(n_scenes))
         dm.dataparser.eval_holdout = args.holdout

@@ -20,7 +20,8 @@ from evolsplat_ns.data.datamanager import EvolSplatDataManagerConfig
 @dataclass
 class InspectArgs:
     data: Path
-    """Multi-scene root or scene folder."""
+    """Data root or scene folder, in any layout (multiscene, reference, drivestudio, pandaset, kitti-raw; auto-detected,
+    or forced with --datamanager.dataparser.layout)."""
     json: bool = False
     """Print JSON instead of tables."""
     verbose: bool = False
@@ -63,10 +64,12 @@ def _print_tables(s: Dict[str, object]) -> None:
 
     con = Console()
     t = Table(title=f"Scenes in {s['data']}")
-    for col in ("id", "name", "role", "frames", "cameras", "keyframes", "segments", "note"):
+    for col in ("id", "name", "layout", "role", "frames", "cameras", "size", "keyframes", "segments", "note"):
         t.add_column(col)
     for sc in s["scenes"]:  # type: ignore[union-attr]
-        t.add_row(str(sc["scene_id"]), sc["name"], sc["role"], str(sc["num_frames"]), str(sc["num_cameras"]),
+        size = sc.get("image_size")
+        t.add_row(str(sc["scene_id"]), sc["name"], str(sc.get("layout", "")) + (" +lidar" if sc.get("lidar") else ""),
+                  sc["role"], str(sc["num_frames"]), str(sc["num_cameras"]), f"{size[0]}x{size[1]}" if size else "",
                   str(sc["num_keyframes"]), str(len(sc["segments"])), sc.get("skipped", ""))
     con.print(t)
     seg_t = Table(title="Segments")

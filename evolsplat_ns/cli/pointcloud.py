@@ -5,7 +5,9 @@
     evolsplat-ns-pointcloud --data DIR --all [--scene I]
 
 One segment: the cloud is taken from the cache (``<data>/.evolsplat_cache`` or ``--cache-dir``) or built and
-cached, then written to ``--out`` in the data's own world frame (the frame of ``transforms.json``), with colours.
+cached, then written to ``--out`` in the data's own world frame (the frame of ``transforms.json``, or of the layout's
+poses: PandaSet's world, KITTI's first IMU pose, DriveStudio's world), with colours. ``--generator lidar`` needs a
+layout with LiDAR (drivestudio, pandaset, kitti-raw); ``depth`` uses depth files or LiDAR-derived sparse depth.
 ``--all`` builds and caches the clouds of every segment (of every scene, or of ``--scene``) with a progress bar.
 
 Segments and input frames are those of training: the scene index options and the evaluation hold-out come from
@@ -31,7 +33,8 @@ from evolsplat_ns.pointcloud.options import PointCloudOptions
 @dataclass
 class PointCloudArgs:
     data: Path
-    """Multi-scene root or scene folder."""
+    """Data root or scene folder, in any layout (multiscene, reference, drivestudio, pandaset, kitti-raw; auto-detected,
+    or forced with --datamanager.dataparser.layout)."""
     scene: Optional[int] = None
     """Scene id (position in the sorted scene folders). Required unless --all."""
     segment: Optional[int] = None

@@ -70,6 +70,10 @@ class EvolSplatDataManagerConfig(DataManagerConfig):
     """Vertical extent of segment boxes relative to the mean camera height (project-frame y points down)."""
     seed: int = 42
     """Seed of the schedule and of the random view selection (a batch is a function of seed and step)."""
+    ddp_partition: Literal["segment", "scene"] = "segment"
+    """Multi-GPU: how training segments are shared among the processes; every segment has one owner rank for the
+    whole run. 'segment': dealt out one by one (balanced to one segment); 'scene': whole scenes per rank (each
+    rank decodes only its own scenes; needs at least as many training scenes as processes)."""
 
     def index_options(self) -> IndexOptions:
         return IndexOptions(
@@ -153,15 +157,7 @@ class EvolSplatDataManager(DataManager):
             )
         self._input_frames = {sid: self.dataparser.input_frames(self.scenes[sid]) for sid in self.index}
         self._check_segments()
-        self.scheduler = SegmentScheduler(
-            {sid: [s.segment_id for s in self.index[sid].segments] for sid in self.train_scene_ids},
-            batches_per_segment=config.batches_per_segment,
-            segment_order=config.segment_order,
-            scene_order=config.scene_order,
-            seed=config.seed,
-            rank=local_rank,
-            world_size=world_size,
-        )
+        self.scheduler = self._make_scheduler(local_rank, world_size)
         self.cache = SceneCache(config.cache_scenes)
         self.train_dataparser_outputs = self.dataparser.get_dataparser_outputs(split="train")
         self.train_dataset = InputDataset(self.train_dataparser_outputs)
@@ -175,6 +171,24 @@ class EvolSplatDataManager(DataManager):
         self.train_dataset.metadata["num_source_views"] = config.num_source_keyframes * n_cams.pop()
         self.eval_dataset = InputDataset(self.dataparser.get_dataparser_outputs(split="test"))
         super().__init__()
+
+    def _make_scheduler(self, rank: int, world_size: int) -> SegmentScheduler:
+        c = self.config
+        return SegmentScheduler(
+            {sid: [s.segment_id for s in self.index[sid].segments] for sid in self.train_scene_ids},
+            batches_per_segment=c.batches_per_segment,
+            segment_order=c.segment_order,
+            scene_order=c.scene_order,
+            seed=c.seed,
+            rank=rank,
+            world_size=world_size,
+            partition=c.ddp_partition,
+        )
+
+    def set_partition(self, rank: int, world_size: int) -> None:
+        """Train as process ``rank`` (global rank) of ``world_size``: a fresh schedule over this rank's segments."""
+        self.local_rank, self.world_size = int(rank), int(world_size)
+        self.scheduler = self._make_scheduler(int(rank), int(world_size))
 
     # ----------------------------------------------------------------------------------------------- indexing
     def _target_frames(self, scene_id: int) -> Optional[set]:
@@ -300,7 +314,13 @@ class EvolSplatDataManager(DataManager):
         # Only a training run resumes the schedule; evaluation / inference may load a checkpoint on other data.
         if not state or self.test_mode != "val":
             return
-        self.scheduler.load_state_dict(state["scheduler"])
+        saved = state["scheduler"]
+        if (int(saved.get("rank", 0)), int(saved.get("world_size", 1))) != (self.scheduler.rank,
+                                                                            self.scheduler.world_size):
+            # Multi-GPU checkpoints hold rank 0's position here and every rank's in the pipeline's own state; the
+            # pipeline gives each rank its own (or restarts the schedule when the number of processes changed).
+            return
+        self.scheduler.load_state_dict(saved)
         self.train_count = int(state.get("train_count", 0))
 
     # ----------------------------------------------------------------------------------------------- summary
@@ -315,6 +335,10 @@ class EvolSplatDataManager(DataManager):
                 "role": role if sid not in self.skipped else "skipped",
                 "num_frames": scene.num_frames,
                 "num_cameras": scene.num_cameras,
+                "layout": str(scene.metadata.get("layout", "multiscene")),
+                "cameras": [str(n) for n in (scene.metadata.get("camera_names") or scene.camera_ids)],
+                "image_size": [scene.images[0].width, scene.images[0].height],
+                "lidar": scene.lidar_paths is not None,
             }
             if sid in self.skipped:
                 entry["skipped"] = self.skipped[sid]

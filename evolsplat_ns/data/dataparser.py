@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from evolsplat_ns.cameras import intrinsics_matrix, opengl_to_opencv, rigid_inverse
+from evolsplat_ns.data.depth_check import NON_FINITE_DEPTH_KEY
 from evolsplat_ns.data.errors import DataValidationError
 from evolsplat_ns.data.records import SKY_0_IS_SKY, SKY_255_IS_SKY, ImageRecord, SceneRecord
 
@@ -109,8 +110,22 @@ def _depth_shape(path: Path, where: str) -> Tuple[int, int]:
     return _image_size(path, where)
 
 
-def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True) -> SceneRecord:
-    """Parse and validate one scene folder into a :class:`SceneRecord` (project frame, OpenCV)."""
+def _check_depth_file(path: Path, where: str, non_finite: str) -> None:
+    from evolsplat_ns.data.depth_check import check_depth_values
+    from evolsplat_ns.data.views import read_depth
+
+    # raises DataValidationError naming the file, the field and (NaN / inf) the fraction of bad pixels
+    check_depth_values(read_depth(path, check_values=False), path, where, non_finite)  # type: ignore[arg-type]
+
+
+def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True, check_depth_values: bool = True,
+                non_finite_depth: str = "error") -> SceneRecord:
+    """Parse and validate one scene folder into a :class:`SceneRecord` (project frame, OpenCV).
+
+    With ``check_files`` every referenced file is checked (headers: existence, type, size); with
+    ``check_depth_values`` too, every depth map is also read once and its values checked (all zero, NaN / inf:
+    :mod:`evolsplat_ns.data.depth_check`; ``non_finite_depth`` is the NaN / inf policy, kept in the record).
+    """
     tf_path = scene_dir / TRANSFORMS
     if not tf_path.exists():
         raise DataValidationError(tf_path, None, "a transforms.json file", "missing file")
@@ -200,6 +215,8 @@ def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True) -> Sce
                 dsize = _depth_shape(depth_path, f"{where}.depth_file_path")
                 if dsize != (w, h):
                     raise DataValidationError(depth_path, f"{where}.depth_file_path", f"a depth map of {h}x{w} (H x W) like its image", f"{dsize[1]}x{dsize[0]}")
+                if check_depth_values:
+                    _check_depth_file(depth_path, f"{where}.depth_file_path", non_finite_depth)
             if check_files and sky_path is not None:
                 ssize = _image_size(sky_path, f"{where}.sky_mask_path")
                 if ssize != (w, h):
@@ -235,18 +252,21 @@ def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True) -> Sce
         seed_ply_path=ply_path,
         sky_mask_convention=convention,
         front_camera_id=front,
-        metadata={"camera_names": list(names) if isinstance(names, list) else None, "transforms": str(tf_path)},
+        metadata={"camera_names": list(names) if isinstance(names, list) else None, "transforms": str(tf_path),
+                  NON_FINITE_DEPTH_KEY: non_finite_depth},
     )
 
 
-def load_scenes(root: Path, scene_ids: Optional[Sequence[int]] = None, check_files: bool = True) -> List[SceneRecord]:
+def load_scenes(root: Path, scene_ids: Optional[Sequence[int]] = None, check_files: bool = True,
+                check_depth_values: bool = True, non_finite_depth: str = "error") -> List[SceneRecord]:
     """Parse the scenes of a data root. ``scene_ids`` (positions in the sorted scene list) restricts which."""
     dirs = find_scene_dirs(Path(root))
     ids = list(range(len(dirs))) if scene_ids is None else list(scene_ids)
     for i in ids:
         if not 0 <= i < len(dirs):
             raise DataValidationError(root, "scene ids", f"scene ids in [0, {len(dirs) - 1}] ({len(dirs)} scenes)", i)
-    return [parse_scene(dirs[i], i, check_files=check_files) for i in ids]
+    return [parse_scene(dirs[i], i, check_files=check_files, check_depth_values=check_depth_values,
+                        non_finite_depth=non_finite_depth) for i in ids]
 
 
 def split_scene_ids(

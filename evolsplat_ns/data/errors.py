@@ -26,3 +26,7 @@ class DataValidationError(ValueError):
 
 class ConfigError(ValueError):
     """An option, or a combination of options, that cannot work."""
+
+
+class CheckpointError(DataValidationError):
+    """A checkpoint that is missing, truncated, not a PyTorch file, from another method or for another model."""

@@ -17,6 +17,11 @@ import numpy as np
 #: Sky-mask conventions, pinned per data format. The value says which pixel values mean "sky".
 SKY_255_IS_SKY = "255_is_sky"  # multi-scene root (ours, the synthetic scenes) and DriveStudio
 SKY_0_IS_SKY = "0_is_sky"  # masks that mark valid (non-sky) pixels with 255
+SKY_LABEL_10_IS_SKY = "label_10_is_sky"  # Cityscapes train-id label maps (10 = sky): the reference's semantic/instance
+
+#: ``scene.metadata[DEPTH_PROVIDER_KEY](image_record) -> [H, W] float32`` metric z-depth at the record's size, for
+#: images without a depth file (LiDAR-derived sparse depth of the real-data layouts; 0 = no return).
+DEPTH_PROVIDER_KEY = "depth_provider"
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,10 @@ class ImageRecord:
     depth_path: Optional[Path] = None
     """Metric z-depth: ``.npy`` float [H, W] in metres, or 16-bit ``.png`` in millimetres. 0 = no depth."""
     sky_mask_path: Optional[Path] = None
+    native_size: Optional[Tuple[int, int]] = None
+    """(width, height) of the files on disk when the scene is down-scaled on load (``None``: ``width`` x ``height``).
+    Images, depth maps and sky masks are resized to ``width`` x ``height`` where they are decoded
+    (:func:`evolsplat_ns.data.views.fit_to_record`); ``K`` is already scaled to match."""
 
     @property
     def center(self) -> np.ndarray:
@@ -64,7 +73,7 @@ class SceneRecord:
     sky_mask_convention: str = SKY_255_IS_SKY
     front_camera_id: int = 0
     lidar_paths: Optional[List[Optional[Path]]] = None
-    """Per frame, optional LiDAR sweep (layouts arrive in a later issue)."""
+    """Per frame, the LiDAR sweep file (``None`` where it is missing); the real-data layouts fill it."""
     metadata: Dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -11,5 +11,6 @@ from evolsplat_ns.data.ns_dataparser import EvolSplatDataParserConfig
 
 evolsplat_multiscene = DataParserSpecification(
     config=EvolSplatDataParserConfig(),
-    description="Folder of driving scenes (multi-scene root of transforms.json scenes) for evolsplat-ff",
+    description="Folder of driving scenes for evolsplat-ff: multi-scene root of transforms.json scenes, or (layout option) "
+    "the reference's KITTI-360/Waymo scenes, DriveStudio scenes, raw PandaSet, raw KITTI",
 )

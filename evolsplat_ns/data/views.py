@@ -18,6 +18,7 @@ import torch
 
 from evolsplat_ns.cameras import k_to_4x4
 from evolsplat_ns.data.batch import Views
+from evolsplat_ns.data.depth_check import depth_policy
 from evolsplat_ns.data.errors import DataValidationError
 from evolsplat_ns.data.records import SceneRecord
 
@@ -28,12 +29,19 @@ def read_image(path: Path) -> np.ndarray:
     """[H, W, 3] uint8 RGB."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, ValueError, SyntaxError) as e:  # e.g. truncated pixel data behind a valid header
+        raise DataValidationError(path, "file_path", "a readable image", f"{type(e).__name__}: {e}") from None
 
 
-def read_depth(path: Path) -> np.ndarray:
-    """[H, W] float32 metres. ``.npy`` holds metres; a 16-bit PNG holds millimetres."""
+def read_depth(path: Path, non_finite: str = "error", check_values: bool = True) -> np.ndarray:
+    """[H, W] float32 metres. ``.npy`` holds metres; a 16-bit PNG holds millimetres.
+
+    With ``check_values`` the values are checked (:mod:`evolsplat_ns.data.depth_check`): all zero is an error,
+    NaN / inf an error (``non_finite="error"``, with the fraction) or read as 0 (``"unknown"``).
+    """
     if path.suffix == ".npy":
         d = np.load(path).astype(np.float32)
         if d.ndim == 3 and d.shape[-1] == 1:
@@ -45,6 +53,10 @@ def read_depth(path: Path) -> np.ndarray:
             d = np.asarray(im, dtype=np.float32) / 1000.0
     if d.ndim != 2:
         raise DataValidationError(path, "depth", "a depth map of shape [H, W]", f"shape {d.shape}")
+    if check_values:
+        from evolsplat_ns.data.depth_check import check_depth_values
+
+        d = check_depth_values(d, path, "depth_file_path", non_finite)  # type: ignore[arg-type]
     return d
 
 
@@ -92,19 +104,23 @@ class SceneCache:
             )
         T, C, H, W = scene.num_frames, scene.num_cameras, first.height, first.width
         images = np.empty((T, C, H, W, 3), dtype=np.uint8)
-        has_depth = any(r.depth_path is not None for r in scene.images)
+        provider = depth_provider(scene)
+        has_depth = provider is not None or any(r.depth_path is not None for r in scene.images)
         depth = np.zeros((T, C, H, W), dtype=np.float32) if has_depth else None
         for t in range(T):
             for c, rec in enumerate(scene.frame_images(t)):
-                img = read_image(rec.image_path)
+                img = fit_to_record(read_image(rec.image_path), rec, rec.image_path)  # down-scaled on load
                 if img.shape[:2] != (H, W):
                     raise DataValidationError(rec.image_path, "image", f"an image of {W}x{H}", f"{img.shape[1]}x{img.shape[0]}")
                 images[t, c] = img
                 if depth is not None and rec.depth_path is not None:
-                    d = read_depth(rec.depth_path)
+                    d = read_depth(rec.depth_path, non_finite=depth_policy(scene))
+                    d = fit_to_record(d, rec, rec.depth_path)
                     if d.shape != (H, W):
                         raise DataValidationError(rec.depth_path, "depth", f"a depth map of {H}x{W}", f"{d.shape}")
                     depth[t, c] = d
+                elif depth is not None and provider is not None:
+                    depth[t, c] = provider(rec)  # e.g. LiDAR-derived sparse depth (0 = no return)
         return SceneArrays(torch.from_numpy(images), torch.from_numpy(depth) if depth is not None else None)
 
 
@@ -137,3 +153,38 @@ def assemble_views(
         cam_indices=torch.as_tensor([r.camera_id for r in recs], dtype=torch.long, device=device),
         keyframe_indices=torch.as_tensor(list(keyframes), dtype=torch.long, device=device),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# down-scaling on load, and depth without a depth file (the real-data layouts)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def depth_provider(scene: SceneRecord):
+    """The scene's ``metadata["depth_provider"]`` (``rec -> [H, W]`` float32 at the record's size), or ``None``."""
+    from evolsplat_ns.data.records import DEPTH_PROVIDER_KEY
+
+    p = scene.metadata.get(DEPTH_PROVIDER_KEY) if isinstance(scene.metadata, dict) else None
+    return p if callable(p) else None
+
+
+def fit_to_record(arr: np.ndarray, rec, path: Optional[Path] = None) -> np.ndarray:
+    """Resize a decoded image ``[h, w, 3]`` uint8, depth map ``[h, w]`` float or mask ``[h, w]`` uint8 to the record's
+    ``width`` x ``height``.
+
+    Arrays already of the record's size are returned as they are. Arrays of the record's ``native_size`` (a scene
+    down-scaled on load) are resized: images by area averaging (PIL's box filter), depth maps and masks by taking,
+    for each output pixel, the input pixel under its centre (no mixing of depths across edges, masks stay binary).
+    Anything else is left to the caller's size check (which names the file).
+    """
+    H, W = int(rec.height), int(rec.width)
+    h, w = arr.shape[:2]
+    if (h, w) == (H, W) or rec.native_size is None or (w, h) != tuple(rec.native_size):
+        return arr
+    if arr.ndim == 3 and arr.dtype == np.uint8:
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(arr).resize((W, H), Image.BOX), dtype=np.uint8).copy()
+    rows = np.minimum(((np.arange(H) + 0.5) * h / H).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(W) + 0.5) * w / W).astype(np.int64), w - 1)
+    return np.ascontiguousarray(arr[rows][:, cols])

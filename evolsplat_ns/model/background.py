@@ -10,7 +10,7 @@ projection; opacity is 1. The result is composited behind the foreground: ``fg +
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -58,12 +58,16 @@ class HemisphereBackground(nn.Module):
         self.base_log_scale = math.log(spacing)
         self.colour = mlp([3 * num_views, 64, 6], out_act=nn.Tanh)
 
-    def forward(self, ref_c2w: Tensor, target_c2w: Tensor, src_images: Tensor, src_c2w: Tensor, src_K: Tensor):
+    def forward(self, ref_c2w: Tensor, target_c2w: Tensor, src_images: Tensor, src_c2w: Tensor, src_K: Tensor,
+                target_K: Optional[Tensor] = None, height: Optional[int] = None, width: Optional[int] = None):
         """Background Gaussians in world coordinates for one target view.
 
         Args:
             ref_c2w ``[4, 4]``: the segment's reference camera (middle source frame, front camera).
             target_c2w ``[4, 4]``: the target camera; the dome follows it along the reference z axis.
+            target_K, height, width: when given, dome points that cannot reach the target image (bounded with
+                the largest scale the colour head can give, ``e`` times the lattice spacing) are dropped before
+                the colour head; the rendered image is unchanged.
         Returns:
             means ``[M, 3]``, colours ``[M, 3]`` in [0, 1], scales ``[M, 3]`` (linear), opacities ``[M]`` (ones).
         """
@@ -72,6 +76,11 @@ class HemisphereBackground(nn.Module):
         local = self.points + self.center + torch.stack(
             [torch.zeros_like(target_in_ref[2]), torch.zeros_like(target_in_ref[2]), target_in_ref[2]])
         world = local @ ref_c2w[:3, :3].T + ref_c2w[:3, 3]
+        if target_K is not None:
+            from evolsplat_ns.model.render import visible_gaussians
+
+            bound = torch.full_like(world[:, :1], math.exp(self.base_log_scale + 1.0))
+            world = world[visible_gaussians(world, bound.expand(-1, 3), target_c2w, target_K, height, width)]
         feats, valid = sample_colours(world, src_images, src_c2w, src_K)
         keep = valid.any(dim=1)
         out = self.colour(feats[keep])

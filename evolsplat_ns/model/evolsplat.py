@@ -31,9 +31,16 @@ from evolsplat_ns.cameras import from_nerfstudio_cameras
 from evolsplat_ns.data.batch import SegmentBatch, Views
 from evolsplat_ns.model.background import HemisphereBackground
 from evolsplat_ns.model.heads import GaussianHeads, view_inputs
+from evolsplat_ns.model.render import visible_gaussians
 from evolsplat_ns.pointcloud.options import PointCloudOptions
 
 logger = logging.getLogger(__name__)
+
+CULL_MIN_FRACTION = 0.8
+"""View culling gathers the visible rows only when it drops at least 20 % of the points (a copy of the 100+-wide
+window features of a million points costs about as much as the colour head it saves)."""
+DOME_SORT_SCALE = 1000.0
+"""Joint compositing renders the background dome scaled by this factor about the target camera (see render_view)."""
 
 
 @dataclass
@@ -73,6 +80,17 @@ class EvolSplatModelConfig(ModelConfig):
     entropy_weight: float = 0.1
     entropy_every: int = 10
     """The accumulation-entropy term is added every this many steps."""
+    composite: Literal["separate", "joint"] = "separate"
+    """How foreground and background meet in training and plain renders. 'separate' (the reference): rasterize
+    them apart and composite ``fg + (1 - alpha_fg) bg``. 'joint': one rasterization of both (the dome sorted
+    behind the segment), faster since covered pixels skip the dome; it differs where the foreground is nearly
+    opaque, because the rasterizer stops a pixel before the Gaussian that would take its transmittance below
+    1e-4 (up to ``1 - alpha_fg`` of the dome is dropped there). Renders with depth (viewer, eval) use 'separate'."""
+    view_cull: bool = True
+    """Per target view, Gaussians that cannot reach the image (behind the near plane, or 3 sigma outside it, by a
+    conservative bound) skip the colour head and the rasterizer. The image is unchanged (tested)."""
+    tf32_matmul: bool = True
+    """Let CUDA matmuls (heads, sparse convolutions) use TF32 tensor cores (process-wide setting)."""
     rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
     """gsplat on CUDA, the pure-PyTorch reference rasterizer on the CPU (slow; tests and small demos)."""
     pointcloud: PointCloudOptions = field(default_factory=PointCloudOptions)
@@ -129,6 +147,8 @@ class EvolSplatModel(Model):
         self._lpips = None
         self._lpips_failed = False
         self._display: Optional[Tuple[SharedState, Tuple[int, int]]] = None
+        if self.config.tf32_matmul and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
 
     # ----------------------------------------------------------------------------------------------- nerfstudio
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
@@ -156,7 +176,7 @@ class EvolSplatModel(Model):
 
         pc = segment_pointcloud(scene, segment, self.config.pointcloud, input_frames,
                                 cache_dir=self.config.pointcloud_cache_dir, data_root=data_root)
-        g = init_gaussians(pc.points, pc.colours, sh_degree=self.config.sh_degree,
+        g = init_gaussians(pc.points, pc.colours, sh_degree=self.config.sh_degree, knn_distance=pc.knn_distance(),
                            seed=self.config.pointcloud.seed + 1000 * segment.scene_id + segment.segment_id,
                            device=self.device)
         return {k: g[k] for k in ("means", "colours", "log_scales", "offset")}
@@ -202,22 +222,55 @@ class EvolSplatModel(Model):
     # ----------------------------------------------------------------------------------------------- per view
     def render_view(self, tensors: Dict[str, Tensor], shared: SharedState, c2w: Tensor, K: Tensor, height: int,
                     width: int, render_depth: bool = False) -> Dict[str, Tensor]:
-        """Render one target view (OpenCV ``c2w`` [4,4], ``K`` [3|4,3|4]) from the shared tensors."""
+        """Render one target view (OpenCV ``c2w`` [4,4], ``K`` [3|4,3|4]) from the shared tensors.
+
+        Returns ``rgb`` [H, W, 3] (composite, clamped to [0, 1]) and ``accumulation`` [H, W, 1] (foreground
+        opacity); with ``render_depth`` or ``composite="separate"`` also the ``foreground`` and ``background``
+        layers [H, W, 3], and with ``render_depth`` the foreground ``depth`` [H, W, 1].
+        """
         from evolsplat_ns.model.render import render_gaussians
+        from evolsplat_ns.model.rasterize_torch import sh_to_rgb
 
         f3, means = tensors["f3"], tensors["means"]
+        fw = shared.aux["fw"]
         dist, direction = view_inputs(means, c2w[:3, 3])
-        sh, dlog, quats, opa = self.heads.predict_view(f3, shared.aux["fw"], dist, direction)
+        vd = torch.cat([dist, direction], dim=-1)
+        dlog, quats, opa = self.heads.predict_geometry(f3, vd)
         scales = torch.exp(dlog + shared.aux["base_log_scale"])
+        if self.config.view_cull:  # only Gaussians that can reach this image go through the colour head and rasterizer
+            keep = visible_gaussians(means, scales, c2w, K, height, width)
+            if keep.numel() < CULL_MIN_FRACTION * means.shape[0]:  # else gathering the rows costs more than it saves
+                means, scales, quats, opa, fw, vd, direction = (
+                    x[keep] for x in (means, scales, quats, opa, fw, vd, direction))
+        sh = self.heads.predict_colour(fw, vd)
         K3 = K[:3, :3]
         backend = self.config.rasterizer
-        fg = render_gaussians(means, quats, scales, torch.sigmoid(opa), sh, c2w, K3, width, height,
-                              sh_degree=self.config.sh_degree, render_depth=render_depth, backend=backend)
         src = shared.source
+        cull = (K, height, width) if self.config.view_cull else ()
         bg_means, bg_rgb, bg_scales, bg_opa = self.background(shared.aux["ref_c2w"], c2w, src.image, src.extrinsics,
-                                                               src.intrinsics)
+                                                               src.intrinsics, *cull)
         bg_quats = torch.zeros(bg_means.shape[0], 4, device=bg_means.device, dtype=bg_means.dtype)
         bg_quats[:, 0] = 1.0
+        if self.config.composite == "joint" and not render_depth:
+            # One rasterization of foreground and background together: if every dome Gaussian sorts behind every
+            # foreground one, depth-sorted compositing is exactly fg + (1 - alpha_fg) bg, and pixels the foreground
+            # covers skip the dome. The rasterizer sorts by camera z, and an oblique dome point (z = r cos angle) can
+            # be nearer than a far segment point, so the dome is scaled about the camera centre by DOME_SORT_SCALE
+            # (means and scales alike): its projection is unchanged (EWA is invariant under that scaling) and it
+            # sorts last. A 4th channel (1 for foreground Gaussians, 0 for the dome) accumulates alpha_fg.
+            fg_rgb = sh_to_rgb(self.config.sh_degree, direction, sh)
+            ones, zeros = torch.ones_like(fg_rgb[:, :1]), torch.zeros_like(bg_rgb[:, :1])
+            centre = c2w[:3, 3].reshape(1, 3)
+            bg_means = centre + DOME_SORT_SCALE * (bg_means - centre)
+            bg_scales = DOME_SORT_SCALE * bg_scales
+            out = render_gaussians(
+                torch.cat([means, bg_means]), torch.cat([quats, bg_quats]), torch.cat([scales, bg_scales]),
+                torch.cat([torch.sigmoid(opa), bg_opa]),
+                torch.cat([torch.cat([fg_rgb, ones], -1), torch.cat([bg_rgb, zeros], -1)]),
+                c2w, K3, width, height, backend=backend)
+            return {"rgb": torch.clamp(out["rgb"][..., :3], 0.0, 1.0), "accumulation": out["rgb"][..., 3:]}
+        fg = render_gaussians(means, quats, scales, torch.sigmoid(opa), sh, c2w, K3, width, height,
+                              sh_degree=self.config.sh_degree, render_depth=render_depth, backend=backend)
         bg = render_gaussians(bg_means, bg_quats, bg_scales, bg_opa, bg_rgb, c2w, K3, width, height,
                               backend=backend)
         alpha = fg["alpha"]
@@ -305,6 +358,14 @@ class EvolSplatModel(Model):
         """The reconstruction that ``get_outputs_for_camera`` renders (viewer, ns-eval)."""
         self._display = (shared, key)
 
+    def forward(self, ray_bundle=None, *, ddp_sync: Optional[List[Tensor]] = None):
+        """nerfstudio's forward (render a camera); with ``ddp_sync``, those tensors unchanged: the multi-GPU train
+        step passes the shared outputs through DDP's forward right before the one synchronised backward
+        (:func:`evolsplat_ns.pipeline.distributed.final_backward`)."""
+        if ddp_sync is not None:
+            return list(ddp_sync)
+        return super().forward(ray_bundle)
+
     def get_outputs(self, ray_bundle) -> Dict[str, Tensor]:
         if not isinstance(ray_bundle, Cameras):
             raise TypeError("EvolSplatModel renders cameras, not ray bundles")
@@ -319,7 +380,14 @@ class EvolSplatModel(Model):
         shared, _ = self._display
         c2w, K = from_nerfstudio_cameras(camera.to(self.device))
         H, W = int(camera.height.reshape(-1)[0]), int(camera.width.reshape(-1)[0])
-        return self.render_view(shared.tensors, shared, c2w[0].float(), K[0].float(), H, W, render_depth=True)
+        out = self.render_view(shared.tensors, shared, c2w[0].float(), K[0].float(), H, W, render_depth=True)
+        # Layers: rgb (composite), foreground, background, accumulation (foreground opacity) and depth, the expected
+        # depth of the composite (the dome counted at its radius). With foreground depth alone, uncovered pixels
+        # would have depth 0, and the browser viewer, which composites its frustums and grid by this depth, would
+        # draw the sky in front of them.
+        a = out["accumulation"]
+        out["depth"] = a * out["depth"] + (1.0 - a) * self.config.bg_radius
+        return out
 
     def get_image_metrics_and_images(self, outputs, batch):
         gt = batch["image"].to(outputs["rgb"].device)

@@ -68,7 +68,16 @@ class GaussianHeads(nn.Module):
             opacity logit ``[N]``.
         """
         vd = torch.cat([dist, direction], dim=-1)
-        sh = self.colour(torch.cat([fw, vd], dim=-1)).reshape(-1, self.num_sh, 3)
-        geo = self.geometry(torch.cat([f3, vd], dim=-1))
-        opa = self.opacity(torch.cat([f3, vd], dim=-1)).squeeze(-1)
-        return sh, geo[:, :3], geo[:, 3:], opa
+        dlog, quats, opa = self.predict_geometry(f3, vd)
+        return self.predict_colour(fw, vd), dlog, quats, opa
+
+    def predict_geometry(self, f3: Tensor, vd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Log-scale residual ``[N, 3]``, quaternion ``[N, 4]``, opacity logit ``[N]`` from ``f3`` and
+        ``vd = [dist, direction]`` ``[N, 4]`` (the cheap heads: they decide which points a view can see)."""
+        x = torch.cat([f3, vd], dim=-1)
+        geo = self.geometry(x)
+        return geo[:, :3], geo[:, 3:], self.opacity(x).squeeze(-1)
+
+    def predict_colour(self, fw: Tensor, vd: Tensor) -> Tensor:
+        """SH coefficients ``[N, (sh_degree+1)^2, 3]`` from the window features and ``vd`` (the costly head)."""
+        return self.colour(torch.cat([fw, vd], dim=-1)).reshape(-1, self.num_sh, 3)

@@ -28,6 +28,35 @@ def resolve_backend(backend: Backend, device: torch.device) -> str:
     return backend
 
 
+@torch.no_grad()
+def visible_gaussians(means: Tensor, scales: Tensor, c2w: Tensor, K: Tensor, height: int, width: int,
+                      near_plane: float = 0.01) -> Tensor:
+    """Indices ``[M]`` of the Gaussians that can touch a ``width`` x ``height`` image; a superset of what the
+    rasterizer keeps, so dropping the others changes nothing.
+
+    The rasterizer (both backends) drops a Gaussian whose centre is nearer than ``near_plane`` or whose 3-sigma
+    screen radius ``3 sqrt(lambda_max(J Sigma J^T) + eps2d)`` misses the image. Here ``lambda_max`` is bounded by
+    ``|J|_F^2 s_max^2`` with the EWA Jacobian ``J = f/z [[1, 0, -x/z], [0, 1, -y/z]]`` (gsplat clamps ``x/z``,
+    ``y/z``, which only shrinks ``J``), so the bound radius is never smaller than the real one.
+
+    Args:
+        means ``[N, 3]`` world, scales ``[N, 3]`` linear, c2w ``[4, 4]`` OpenCV, K ``[3|4, 3|4]``.
+    """
+    from evolsplat_ns.cameras import project_points
+
+    uv, z = project_points(means, c2w[None], K[None])
+    uv, z = uv[0], z[0]
+    zs = z.clamp_min(near_plane)
+    cam_x = (uv[:, 0] - K[0, 2]) / K[0, 0]  # x/z and y/z in the camera
+    cam_y = (uv[:, 1] - K[1, 2]) / K[1, 1]
+    f = torch.maximum(K[0, 0], K[1, 1])
+    jac2 = (f / zs) ** 2 * (2.0 + cam_x**2 + cam_y**2)
+    radius = 3.0 * torch.sqrt(jac2 * scales.amax(-1) ** 2 + EPS2D) + 1.0
+    u, v = uv[:, 0], uv[:, 1]
+    keep = (z >= near_plane) & (u + radius > 0) & (u - radius < width) & (v + radius > 0) & (v - radius < height)
+    return keep.nonzero().squeeze(-1)
+
+
 def render_gaussians(
     means: Tensor,
     quats: Tensor,
@@ -118,6 +147,7 @@ def render_gaussians(
             backgrounds=backgrounds,
             render_mode=mode,
             rasterize_mode="classic",
+            packed=False,  # packed projection compacts with nonzero(): one more host sync per call
         )
     else:
         render_colors, render_alphas = rasterize_gaussians_torch(

@@ -34,6 +34,7 @@ def multiview_backward(
     num_views: int,
     scale: Optional[Callable[[Tensor], Tensor]] = None,
     no_sync: Optional[Callable[[], ContextManager]] = None,
+    final_backward: Optional[Callable[[List[Tensor], List[Tensor]], None]] = None,
 ) -> List[float]:
     """Backpropagate ``sum_v view_loss(leaves, v) / num_views`` exactly, traversing ``shared``'s graph once.
 
@@ -43,6 +44,9 @@ def multiview_backward(
         scale: e.g. a GradScaler's ``scale`` (applied to every backward, so gradients stay consistently scaled).
         no_sync: e.g. DDP's ``no_sync``; the per-view backwards run inside it so that only the final backward
             synchronises gradients across processes.
+        final_backward: ``(outputs, grads) -> None`` runs the backward through the shared graph (default
+            ``torch.autograd.backward``); given, it is called even when no output carries gradient. Multi-GPU:
+            :func:`evolsplat_ns.pipeline.distributed.final_backward` (the one synchronised backward).
 
     Returns:
         The per-view losses (unscaled, before the division by ``num_views``) as floats.
@@ -62,6 +66,8 @@ def multiview_backward(
         if t.requires_grad and g is not None:
             outs.append(t)
             grads.append(g)
-    if outs:
+    if final_backward is not None:
+        final_backward(outs, grads)
+    elif outs:
         torch.autograd.backward(outs, grads)
     return torch.stack(losses).tolist()  # one host sync for all views

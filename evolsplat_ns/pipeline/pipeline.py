@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Type
@@ -20,7 +21,11 @@ import torch
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from evolsplat_ns.cli.common import one_line_errors_in_nerfstudio_commands
 from evolsplat_ns.data.batch import SegmentBatch
+from evolsplat_ns.data.errors import CheckpointError
+from evolsplat_ns.engine.checkpoint import check_checkpoint, check_pipeline_state, resolve_checkpoint, summarize_load_error
+from evolsplat_ns.pipeline import distributed as ddp_utils
 from evolsplat_ns.pipeline.multiview_backward import multiview_backward
 
 logger = logging.getLogger(__name__)
@@ -42,8 +47,16 @@ class EvolSplatPipeline(VanillaPipeline):
 
     def __init__(self, config: EvolSplatPipelineConfig, device: str, test_mode="val", world_size: int = 1,
                  local_rank: int = 0, grad_scaler=None):
-        super().__init__(config, device, test_mode=test_mode, world_size=world_size, local_rank=local_rank,
-                         grad_scaler=grad_scaler)
+        with one_line_errors_in_nerfstudio_commands():  # ns-eval / ns-viewer / ns-render: bad input is one line
+            # Built by nerfstudio's eval_setup? Check the checkpoint it will load before indexing data / building.
+            ckpt = _checkpoint_of_eval_setup() if test_mode != "val" else None
+            if ckpt is not None:
+                check_checkpoint(ckpt, mmap=True)
+            # world_size 1 here: nerfstudio's DDP wrap does not fit this train step (see _setup_distributed)
+            super().__init__(config, device, test_mode=test_mode, world_size=1, local_rank=0,
+                             grad_scaler=grad_scaler)
+        self._setup_distributed(device, world_size, local_rank)
+        self._checkpoint_path: Optional[Path] = ckpt
         self.grad_scaler = grad_scaler
         self.skipped_steps = 0
         self.shared_extractions = 0
@@ -58,6 +71,9 @@ class EvolSplatPipeline(VanillaPipeline):
 
         labels = list(self._segment_labels)
         self.viewer_segment = ViewerDropdown("Segment to display", labels[0], labels, cb_hook=self._on_viewer_segment)
+        from evolsplat_ns.pipeline.viewer import SegmentCameras
+
+        self.viewer_cameras = SegmentCameras()  # the displayed segment's camera frustums (evolsplat_ns.pipeline.viewer)
 
     def _make_segment_labels(self) -> Dict[str, tuple]:
         dm = self.datamanager
@@ -72,8 +88,10 @@ class EvolSplatPipeline(VanillaPipeline):
         """GUI thread: only record the choice; the reconstruction runs on the training / rendering thread."""
         self._viewer_choice = self._segment_labels[element.value]
         self._viewer_pending = True
-        if self._trained_steps == 0:  # ns-viewer on a checkpoint: the next render reconstructs it
-            self.ff_model._display = None
+        self.viewer_cameras.request_move()  # browsers look at the picked segment once it is shown
+        # The next render reconstructs it (or the next training step, whichever comes first): this also works when
+        # training is paused or finished. The viewer runs this callback under its train lock.
+        self.ff_model._display = None
 
     def _default_display(self) -> None:
         sid, seg = self._viewer_choice or self.datamanager.eval_keys()[0]
@@ -83,7 +101,23 @@ class EvolSplatPipeline(VanillaPipeline):
     @torch.no_grad()
     def show_segment(self, scene_id: int, segment_id: int):
         """Reconstruct (scene, segment) from its fixed evaluation views and make it what the viewer renders."""
-        return self.reconstruct(self.datamanager.eval_batch(scene_id, segment_id))
+        batch = self.datamanager.eval_batch(scene_id, segment_id)
+        shared = self.reconstruct(batch)
+        self.viewer_cameras.show(batch, (scene_id, segment_id))  # no-op without a viewer or if already drawn
+        return shared
+
+    def load_pipeline(self, loaded_state: Dict[str, Any], step: int) -> None:
+        """nerfstudio's load, with a checkpoint of another method or of a differently configured model reported as
+        one :class:`CheckpointError` line (naming the file when known) instead of load_state_dict's key listing."""
+        with one_line_errors_in_nerfstudio_commands():
+            path = self._checkpoint_path
+            check_pipeline_state(loaded_state, path)
+            try:
+                super().load_pipeline(loaded_state, step)
+            except RuntimeError as e:
+                raise CheckpointError(path or Path("<checkpoint>"), "pipeline",
+                                      "weights of the model this config builds (same model options as the run "
+                                      "that wrote the checkpoint)", summarize_load_error(e)) from e
 
     # ----------------------------------------------------------------------------------------------- segments
     @property
@@ -102,6 +136,112 @@ class EvolSplatPipeline(VanillaPipeline):
 
         return model.segments.activate(scene_id, segment_id, init)
 
+    # ----------------------------------------------------------------------------------------------- multi-GPU
+    def _setup_distributed(self, device, world_size: int, local_rank: int) -> None:
+        """Multi-GPU (nerfstudio's launch, one process per GPU): this rank's share of the training segments, the
+        model in DDP, a gloo group for checkpoint state (:mod:`evolsplat_ns.pipeline.distributed`).
+
+        nerfstudio's own wrap (``VanillaPipeline``) passes ``device_ids`` also for CPU modules, which DDP rejects,
+        and hands the datamanager the *local* rank; segment ownership needs the global one."""
+        self.local_rank = int(local_rank)
+        self.rank, self.world_size = ddp_utils.resolve_rank(local_rank, world_size)
+        self._rank_states: Optional[List[Dict[str, Any]]] = None  # rank 0: every rank's state, for its checkpoints
+        self._ddp_checkpoint_state: Optional[Dict[str, Any]] = None
+        self._object_group = None
+        if self.world_size == 1:
+            return
+        self.datamanager.set_partition(self.rank, self.world_size)
+        self._model = ddp_utils.wrap_ddp(self._model, device)
+        self._object_group = ddp_utils.object_group()
+        torch.distributed.barrier()
+
+    def get_training_callbacks(self, training_callback_attributes):
+        callbacks = super().get_training_callbacks(training_callback_attributes)
+        trainer = training_callback_attributes.trainer
+        if self.world_size > 1 and trainer is not None:
+            from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+            from nerfstudio.utils.misc import step_check
+
+            def before_save(step: int) -> None:  # the trainer saves (rank 0) after this, at the same steps
+                cfg = trainer.config
+                last = getattr(trainer, "_start_step", 0) + cfg.max_num_iterations - 1
+                if step_check(step, cfg.steps_per_save) or step == last:
+                    self.gather_rank_states(step)
+
+            callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], before_save))
+        return callbacks
+
+    def gather_rank_states(self, step: int) -> None:
+        """Collective (every rank calls it at the same step): every rank's resumable state, i.e. its scheduler
+        position and its segment store, to rank 0, whose next checkpoint then holds them (rank 0's own store is
+        the model's ``segments`` entry already)."""
+        dm = self.datamanager
+        mine = {"rank": self.rank, "step": int(step), "scheduler": dm.scheduler.state_dict(),
+                "train_count": int(dm.train_count),
+                "segments": None if self.rank == 0 else self.ff_model.segments.get_extra_state()}
+        states = ddp_utils.gather_to_rank0(mine, self._object_group)
+        if states is not None:
+            self._rank_states = states
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        """Multi-GPU checkpoints: every rank's state as gathered by :meth:`gather_rank_states` (plain types only)."""
+        if self.world_size <= 1 or self._rank_states is None:
+            return {}
+        return {"format": ddp_utils.RANKS_FORMAT, "version": ddp_utils.RANKS_VERSION, "world_size": self.world_size,
+                "partition": str(self.datamanager.config.ddp_partition), "ranks": self._rank_states}
+
+    def set_extra_state(self, state: Any) -> None:
+        self._ddp_checkpoint_state = dict(state) if state else None  # applied by load_state_dict, after the rest
+
+    def load_state_dict(self, state_dict, strict: Optional[bool] = None):
+        self._ddp_checkpoint_state = None
+        out = super().load_state_dict(state_dict, strict=strict)
+        store_key = next((k for k in state_dict if k.startswith("_model.") and k.endswith("segments._extra_state")),
+                         None)
+        self._resume_ranks(self._ddp_checkpoint_state, state_dict.get("datamanager._extra_state"),
+                           state_dict.get(store_key) if store_key is not None else None)
+        self._ddp_checkpoint_state = None
+        return out
+
+    def _resume_ranks(self, ddp_state: Optional[Dict[str, Any]], dm_state: Optional[Dict[str, Any]],
+                      store0: Optional[Dict[str, Any]]) -> None:
+        """Give this rank its own scheduler position and segment store out of a checkpoint written by rank 0.
+
+        Same number of processes (and partition): rank r takes exactly rank r's state. Otherwise (resuming on
+        more or fewer GPUs, or evaluating a multi-GPU checkpoint) the segment stores of all saved ranks are merged,
+        a training rank keeps the segments it owns now, and the schedule restarts at the pass after the furthest
+        saved one."""
+        ranks = None
+        if ddp_state and ddp_state.get("format") == ddp_utils.RANKS_FORMAT:
+            ranks = [dict(r) for r in ddp_state["ranks"]]
+        if ranks is None:
+            if self.world_size == 1:
+                return  # a single-process checkpoint into a single process: loaded as it is
+            ranks = [{"rank": 0, "scheduler": (dm_state or {}).get("scheduler"),
+                      "train_count": int((dm_state or {}).get("train_count", 0)), "segments": None}]
+        ranks[0]["segments"] = store0  # rank 0's store is the model's own entry
+        training = self.test_mode == "val"
+        dm, store = self.datamanager, self.ff_model.segments
+        same = (len(ranks) == self.world_size and
+                (self.world_size == 1 or (ddp_state or {}).get("partition") == dm.config.ddp_partition))
+        if same:
+            mine = ranks[self.rank]
+            if self.rank != 0 and mine.get("segments"):
+                store.set_extra_state(mine["segments"])
+            if training and mine.get("scheduler"):
+                dm.scheduler.load_state_dict(mine["scheduler"])
+                dm.train_count = int(mine.get("train_count", 0))
+            return
+        keep = (lambda key: dm.scheduler.owns(*key)) if training else None
+        merged = ddp_utils.merge_segment_states([r.get("segments") for r in ranks], keep=keep)
+        if merged is not None:
+            store.set_extra_state(merged)
+        if training:
+            passes = [int(r["scheduler"]["pass"]) for r in ranks if r.get("scheduler")]
+            dm.scheduler.restart(max(passes) + 1 if passes else 0)
+            logger.warning("checkpoint of %d process(es) resumed by %d: segment states merged, the schedule restarts "
+                           "at pass %d", len(ranks), self.world_size, dm.scheduler.state_dict()["pass"])
+
     # ----------------------------------------------------------------------------------------------- train
     def get_train_loss_dict(self, step: int):
         cameras, batch = self.datamanager.next_train(step)
@@ -115,6 +255,7 @@ class EvolSplatPipeline(VanillaPipeline):
         model.train()
         model.step = step
         self.activate(batch.scene_id, batch.segment_id)
+        before = _forward_side_effects(model) if self.config.skip_non_finite else None
         shared = model.extract_shared(batch)
         self.shared_extractions += 1
         tgt = batch.target
@@ -128,26 +269,34 @@ class EvolSplatPipeline(VanillaPipeline):
             return sum(ld.values())
 
         scaler = self.grad_scaler if (self.grad_scaler is not None and self.grad_scaler.is_enabled()) else None
-        no_sync = self.model.no_sync if self.world_size > 1 else None
+        ddp = self._model if self.world_size > 1 else None  # multi-GPU: one gradient all-reduce, on the last backward
         losses = multiview_backward(shared.tensors, view_loss, T, scale=scaler.scale if scaler else None,
-                                    no_sync=no_sync)
+                                    no_sync=ddp.no_sync if ddp is not None else None,
+                                    final_backward=ddp_utils.final_backward(ddp) if ddp is not None else None)
         total = sum(losses) / T
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         finite = math.isfinite(total) and (
             not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()))  # one host sync
+        total_all = total
+        if ddp is not None:  # every rank skips, or none does; the logged loss is the mean over the ranks' batches
+            finite, total_all = ddp_utils.reduce_step_status(finite, total, tgt.image.device)
         if not finite and self.config.skip_non_finite:
             for p in model.parameters():
                 p.grad = None  # Adam skips parameters without gradient: weights and moments stay unchanged
+            _restore_forward_side_effects(model, before)  # BatchNorm statistics, the segment's offsets
             self.skipped_steps += 1
             logger.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step, self.skipped_steps)
+        if ddp is not None:  # replicas keep rank 0's BatchNorm statistics (after the backward: see sync_buffers)
+            ddp_utils.sync_buffers(ddp)
         self._trained_steps += 1
         if self._viewer_choice is None:
             model.set_display(shared.detached(), (batch.scene_id, batch.segment_id))  # follow training
+            self.viewer_cameras.show(batch, (batch.scene_id, batch.segment_id))  # draws only on a new segment
         elif self._viewer_pending or step % max(1, self.config.viewer_refresh_every) == 0:
             self._viewer_pending = False
             self.show_segment(*self._viewer_choice)  # refresh the chosen segment with the current weights
         metrics: Dict[str, Any] = {
-            "loss_value": total if finite else 0.0,
+            "loss_value": total_all if finite else 0.0,
             "view_loss_mean": total,
             "view_loss_min": min(losses),
             "view_loss_max": max(losses),
@@ -226,6 +375,45 @@ class EvolSplatPipeline(VanillaPipeline):
                 out[f"{k}_std"] = float(vals.std()) if len(rows) > 1 else 0.0
         out["num_views"] = float(len(rows))
         return out
+
+
+def _forward_side_effects(model) -> Dict[str, Any]:
+    """What a training forward pass changes besides the weights: BatchNorm running statistics, and the active
+    segment's offset cache (written during extraction). A skipped step puts them back, so that a NaN forward
+    cannot poison evaluation (running statistics) or every later step on that segment (offsets)."""
+    bufs = {n: b.detach().clone() for n, b in model.named_buffers()
+            if "running_" in n or n.endswith("num_batches_tracked")}
+    offset = model.segments.current.get("offset") if model.segments.current_key is not None else None
+    return {"buffers": bufs, "offset": offset.detach().clone() if offset is not None else None}
+
+
+@torch.no_grad()
+def _restore_forward_side_effects(model, before: Optional[Dict[str, Any]]) -> None:
+    if before is None:
+        return
+    live = dict(model.named_buffers())
+    for n, v in before["buffers"].items():
+        live[n].copy_(v)
+    if before["offset"] is not None and model.segments.current_key is not None:
+        model.segments.current["offset"].copy_(before["offset"])
+
+
+def _checkpoint_of_eval_setup() -> Optional[Path]:
+    """The checkpoint nerfstudio's ``eval_setup`` (behind ns-eval, ns-viewer, ns-render, ns-export) will load into
+    the pipeline it is building now, or None when the pipeline is built by anything else.
+
+    nerfstudio 1.1.5 gives the pipeline no handle on it: ``eval_setup`` sets ``config.load_dir`` / ``load_step``,
+    builds the pipeline, then ``torch.load``s the file. Its ``config`` local is read from the call stack.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "eval_setup" and frame.f_globals.get("__name__") == "nerfstudio.utils.eval_utils":
+            cfg = frame.f_locals.get("config")
+            if cfg is None or getattr(cfg, "load_dir", None) is None:
+                return None
+            return resolve_checkpoint(cfg.load_dir, getattr(cfg, "load_step", None), None)
+        frame = frame.f_back
+    return None
 
 
 def _save_side_by_side(output_path: Path, batch: SegmentBatch, v: int, gt: torch.Tensor, pred: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from evolsplat_ns.cameras import project_points
-from evolsplat_ns.data.records import SKY_0_IS_SKY, SKY_255_IS_SKY
+from evolsplat_ns.data.records import SKY_0_IS_SKY, SKY_255_IS_SKY, SKY_LABEL_10_IS_SKY
 from evolsplat_ns.pointcloud.options import PointCloudOptions, inside_box
 from evolsplat_ns.pointcloud.plyio import open3d_module
 
@@ -43,7 +43,8 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def sky_from_mask(mask: np.ndarray, convention: str) -> np.ndarray:
-    """[H, W] bool, True = sky. ``"255_is_sky"``: values >= 128 are sky; ``"0_is_sky"``: values < 128 are sky."""
+    """[H, W] bool, True = sky. ``"255_is_sky"``: values >= 128 are sky; ``"0_is_sky"``: values < 128 are sky;
+    ``"label_10_is_sky"``: a Cityscapes train-id label map, value 10 is sky (the reference's semantic masks)."""
     m = np.asarray(mask)
     if m.dtype == bool:
         m = m.astype(np.uint8) * 255
@@ -51,6 +52,8 @@ def sky_from_mask(mask: np.ndarray, convention: str) -> np.ndarray:
         return m >= 128
     if convention == SKY_0_IS_SKY:
         return m < 128
+    if convention == SKY_LABEL_10_IS_SKY:  # a label map, not a binary mask: exactly the sky label
+        return m == 10
     raise ValueError(f"unknown sky mask convention {convention!r}; expected '{SKY_255_IS_SKY}' or '{SKY_0_IS_SKY}'")
 
 

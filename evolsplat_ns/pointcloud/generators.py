@@ -86,10 +86,23 @@ def _read_rgb(path: Path) -> np.ndarray:
     return read_image(path)
 
 
-def _read_depth(path: Path) -> np.ndarray:
+def _read_depth(path: Path, non_finite: str = "error") -> np.ndarray:
     from evolsplat_ns.data.views import read_depth
 
-    return read_depth(path)
+    return read_depth(path, non_finite=non_finite)
+
+
+def _fit(arr: np.ndarray, rec: ImageRecord, path: Path) -> np.ndarray:
+    """A decoded array at the record's size (scenes down-scaled on load; see ``views.fit_to_record``)."""
+    from evolsplat_ns.data.views import fit_to_record
+
+    return fit_to_record(arr, rec, path)
+
+
+def _depth_provider(scene: SceneRecord):
+    from evolsplat_ns.data.views import depth_provider
+
+    return depth_provider(scene)
 
 
 def _empty() -> Tuple[np.ndarray, np.ndarray]:
@@ -235,12 +248,20 @@ class _DepthCache:
         if key in self._d:
             self._d.move_to_end(key)
             return self._d[key]
+        if rec.depth_path is None and _depth_provider(scene) is not None:
+            d = _depth_provider(scene)(rec)  # no depth file: the layout's (LiDAR-derived) depth at the record's size
+            self._d[key] = d
+            while len(self._d) > self.capacity:
+                self._d.popitem(last=False)
+            return d
         if rec.depth_path is None:
             raise DataValidationError(
                 scene.root, f"frame {rec.timestep} camera {rec.camera_id}: depth_file_path",
                 "a metric depth map for every image (the depth point-cloud generator unprojects them)",
             )
-        d = _read_depth(rec.depth_path)
+        policy = scene.metadata.get("non_finite_depth", "error")
+        d = _read_depth(rec.depth_path) if policy == "error" else _read_depth(rec.depth_path, non_finite=policy)
+        d = _fit(d, rec, rec.depth_path)
         if d.shape != (rec.height, rec.width):
             raise DataValidationError(rec.depth_path, "depth", f"a depth map of {rec.height}x{rec.width}", d.shape)
         self._d[key] = d
@@ -278,7 +299,7 @@ class MonocularRGBPointCloudGenerator(RGBPointCloudGenerator):
                 valid = np.isfinite(d) & (d > 0)
                 if opts.filter_sky:
                     if rec.sky_mask_path is not None:
-                        mask = filters.read_mask(rec.sky_mask_path)
+                        mask = _fit(filters.read_mask(rec.sky_mask_path), rec, rec.sky_mask_path)
                         if mask.shape != depth.shape:
                             raise DataValidationError(rec.sky_mask_path, "sky mask",
                                                       f"a mask of {depth.shape[1]}x{depth.shape[0]}", mask.shape)
@@ -289,7 +310,7 @@ class MonocularRGBPointCloudGenerator(RGBPointCloudGenerator):
                 if not valid.any():
                     continue
                 pts = world[valid]
-                rgb = _read_rgb(rec.image_path)
+                rgb = _fit(_read_rgb(rec.image_path), rec, rec.image_path)
                 if rgb.shape[:2] != depth.shape:
                     raise DataValidationError(rec.image_path, "image", f"an image of {depth.shape[1]}x{depth.shape[0]}",
                                               rgb.shape[:2])
@@ -387,10 +408,11 @@ class LidarRGBPointCloudGenerator(RGBPointCloudGenerator):
             pts = pts[:, :3]
             pts = pts[np.all(np.isfinite(pts), axis=1)]
             recs = [scene.image(t, c) for c in cams]
-            images = [_read_rgb(r.image_path) for r in recs]
+            images = [_fit(_read_rgb(r.image_path), r, r.image_path) for r in recs]
             sky = None
             if opts.filter_sky:
-                sky = [filters.sky_from_mask(filters.read_mask(r.sky_mask_path), scene.sky_mask_convention)
+                sky = [filters.sky_from_mask(_fit(filters.read_mask(r.sky_mask_path), r, r.sky_mask_path),
+                                             scene.sky_mask_convention)
                        if r.sky_mask_path is not None else None for r in recs]
             keep, cols = colour_points_from_images(pts, recs, images, sky)
             pts_all.append(pts[keep])

@@ -91,8 +91,13 @@ def init_gaussians(
     seed: int = 0,
     device: Union[str, torch.device, None] = None,
     min_distance: float = MIN_DISTANCE,
+    knn_distance: Optional[np.ndarray] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Initial Gaussians of a segment (see the module table). Deterministic for a given ``seed``."""
+    """Initial Gaussians of a segment (see the module table). Deterministic for a given ``seed``.
+
+    ``knn_distance`` ``[N]``: :func:`knn_mean_distance` of the points if already known (the point-cloud cache keeps
+    it beside each cloud, see :meth:`evolsplat_ns.pointcloud.cache.SegmentPointCloud.knn_distance`).
+    """
     pts = torch.as_tensor(np.asarray(points.detach().cpu() if isinstance(points, torch.Tensor) else points),
                           dtype=torch.float32).reshape(-1, 3)
     rgb = torch.as_tensor(np.asarray(colours.detach().cpu() if isinstance(colours, torch.Tensor) else colours),
@@ -103,7 +108,11 @@ def init_gaussians(
         raise ValueError(f"sh_degree must be >= 0, got {sh_degree}")
     n = pts.shape[0]
     gen = torch.Generator().manual_seed(int(seed))
-    log_scale = torch.from_numpy(np.log(knn_mean_distance(pts, KNN_NEIGHBOURS, min_distance))).float()
+    if knn_distance is None:
+        knn_distance = knn_mean_distance(pts, KNN_NEIGHBOURS, min_distance)
+    elif len(knn_distance) != n:
+        raise ValueError(f"knn_distance has {len(knn_distance)} entries for {n} points")
+    log_scale = torch.from_numpy(np.log(np.maximum(np.asarray(knn_distance, dtype=np.float64), min_distance))).float()
     out = {
         "means": pts.clone(),
         "colours": rgb.clone(),

@@ -68,18 +68,18 @@ def read_ply(path) -> Tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no PLY file at {path}")
-    o3d = open3d_module()
-    if o3d is not None:
-        pc = o3d.io.read_point_cloud(str(path), format="ply")
-        pts = np.asarray(pc.points, dtype=np.float32).reshape(-1, 3)
-        if pc.has_colors():
-            cols = quantise_colours(np.asarray(pc.colors, dtype=np.float64))
-        else:
-            cols = np.full_like(pts, 0.5)
-        if len(pts) == 0 and path.stat().st_size > 0:
-            _check_empty_with_plyfile(path)
-        return pts, cols
-    return _read_plyfile(path)
+    try:  # plyfile first: it reads every PLY we write in ~50 ms for 600 k points, without importing open3d
+        return _read_plyfile(path)
+    except Exception:  # noqa: BLE001 - a variant plyfile cannot parse: let open3d try, else report plyfile's error
+        o3d = open3d_module()
+        if o3d is None:
+            raise
+    pc = o3d.io.read_point_cloud(str(path), format="ply")
+    pts = np.asarray(pc.points, dtype=np.float32).reshape(-1, 3)
+    if len(pts) == 0 and path.stat().st_size > 0:
+        _check_empty_with_plyfile(path)
+    cols = quantise_colours(np.asarray(pc.colors, dtype=np.float64)) if pc.has_colors() else np.full_like(pts, 0.5)
+    return pts, cols
 
 
 def _read_plyfile(path: Path) -> Tuple[np.ndarray, np.ndarray]:

@@ -232,9 +232,17 @@ class SparseConv3d(nn.Module):
 
 
 class SparseBatchNorm(nn.BatchNorm1d):
-    """``BatchNorm1d`` over the voxel features (statistics over the active voxels)."""
+    """``BatchNorm1d`` over the voxel features (statistics over the active voxels).
+
+    Batch statistics need at least two voxels; with fewer (a segment whose points all fall in one voxel, or the
+    coarsest level of a tiny cloud) training normalises with the running statistics and leaves them unchanged,
+    where ``BatchNorm1d`` would raise (one voxel) or write NaN into its running statistics (none).
+    """
 
     def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
+        if self.training and x.feats.shape[0] <= 1 and self.running_mean is not None:
+            return x.replace(F.batch_norm(x.feats, self.running_mean, self.running_var, self.weight, self.bias,
+                                          False, 0.0, self.eps))
         return x.replace(super().forward(x.feats))
 
 

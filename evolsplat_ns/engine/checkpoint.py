@@ -1,0 +1,122 @@
+"""Checkpoint checks: a missing, truncated, foreign or mismatched checkpoint is one clear error naming the file.
+
+nerfstudio 1.1.5 loads checkpoints with a plain ``torch.load`` inside its own commands (the trainer's resume,
+``eval_setup`` behind ns-eval / ns-viewer / ns-render / ns-export), so a bad file surfaces as a zip-reader or
+unpickling traceback that names neither the file nor the cause. :func:`check_checkpoint` is run by the plugin's
+trainer and pipeline before that happens. It memory-maps the file (``mmap=True``), so it costs little even for a
+large checkpoint: the zip directory and the pickled structure are read, the tensor data are not.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from evolsplat_ns.data.errors import CheckpointError
+
+CKPT_RE = re.compile(r"^step-(\d+)\.ckpt$")
+REQUIRED_KEYS = ("step", "pipeline", "optimizers", "scalers")
+EXPECTED = "a complete evolsplat-ff checkpoint (step-*.ckpt written by ns-train evolsplat-ff)"
+
+
+def list_checkpoints(load_dir: Path) -> Dict[int, Path]:
+    """``{step: path}`` of the ``step-*.ckpt`` files of a folder (other files are ignored)."""
+    out = {}
+    for p in Path(load_dir).iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_file():
+            out[int(m.group(1))] = p
+    return dict(sorted(out.items()))
+
+
+def resolve_checkpoint(load_dir: Optional[Path], load_step: Optional[int], load_checkpoint: Optional[Path]
+                       ) -> Optional[Path]:
+    """The file nerfstudio would load for ``--load-dir`` (+ ``--load-step``) or ``--load-checkpoint``; None if
+    neither is set. Raises :class:`CheckpointError` for a missing folder, an empty one or a missing step."""
+    if load_dir is not None:
+        load_dir = Path(load_dir)
+        if not load_dir.is_dir():
+            raise CheckpointError(load_dir, "load_dir", "an existing folder of step-*.ckpt checkpoints", "missing")
+        found = list_checkpoints(load_dir)
+        if not found:
+            others = sorted(p.name for p in load_dir.iterdir())[:5]
+            raise CheckpointError(load_dir, "load_dir", "a folder holding step-*.ckpt checkpoints",
+                                  f"none (contents: {others or 'empty'})")
+        if load_step is None:
+            return found[max(found)]
+        if int(load_step) not in found:
+            raise CheckpointError(load_dir, "load_step", f"one of the saved steps {list(found)}", load_step)
+        return found[int(load_step)]
+    if load_checkpoint is not None:
+        return Path(load_checkpoint)
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0][:160]}" if s else type(e).__name__
+
+
+def check_checkpoint(path: Path, mmap: bool = True) -> Dict[str, Any]:
+    """Load ``path`` as nerfstudio would (``weights_only=True``) and check that it is an evolsplat-ff checkpoint.
+
+    Returns the loaded dict (tensors memory-mapped when ``mmap``). Raises :class:`CheckpointError` naming the
+    file for a missing, truncated or non-PyTorch file, one that needs unsafe unpickling, a dict without
+    nerfstudio's keys, or a pipeline state of another method.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, None, EXPECTED, "missing file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, None, EXPECTED, "an empty file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - every way a file can fail to load is the same user error
+        msg = str(e)
+        if "Weights only load failed" in msg or type(e).__name__ == "UnpicklingError" and "weights_only" in msg:
+            got = "a file that needs unsafe unpickling (weights_only=False): not written by evolsplat-ff"
+        elif "central directory" in msg or "zip archive" in msg or isinstance(e, EOFError):
+            got = f"a truncated or corrupt file ({_first_line(e)})"
+        else:
+            got = f"a file PyTorch cannot read ({_first_line(e)})"
+        raise CheckpointError(path, None, EXPECTED, got) from None
+    if not isinstance(state, Mapping) or not all(k in state for k in REQUIRED_KEYS):
+        keys = sorted(map(str, state))[:6] if isinstance(state, Mapping) else type(state).__name__
+        raise CheckpointError(path, None, f"a nerfstudio checkpoint with keys {list(REQUIRED_KEYS)}", f"keys {keys}")
+    check_pipeline_state(state["pipeline"], path)
+    return dict(state)
+
+
+def check_pipeline_state(pipeline_state: Any, path: Optional[Path] = None) -> None:
+    """The pipeline part of a checkpoint must be evolsplat-ff's (its sparse U-Net, heads and segment store)."""
+    where = path if path is not None else Path("<checkpoint>")
+    if not isinstance(pipeline_state, Mapping):
+        raise CheckpointError(where, "pipeline", "a state dict", type(pipeline_state).__name__)
+    keys = [str(k) for k in pipeline_state]
+    ours = (any(".encoder." in k for k in keys) and any(".heads." in k for k in keys)
+            and any(k.endswith("segments._extra_state") for k in keys))
+    if not ours:
+        sample = ", ".join(sorted(keys)[:3]) or "none"
+        raise CheckpointError(where, "pipeline", "the state of an evolsplat-ff pipeline (_model.encoder / heads / "
+                              "segments)", f"another method's state (keys such as {sample})")
+
+
+def summarize_load_error(e: BaseException) -> str:
+    """One line out of ``load_state_dict``'s multi-line RuntimeError (missing / unexpected keys, size mismatches)."""
+    msg = str(e)
+    missing = re.search(r"Missing key\(s\) in state_dict: (.*?)(?:\.\s*$|\.\s*\n|\n)", msg, re.S)
+    unexpected = re.search(r"Unexpected key\(s\) in state_dict: (.*?)(?:\.\s*$|\.\s*\n|\n)", msg, re.S)
+    sizes = re.findall(r"size mismatch for ([^:]+): copying a param with shape (torch.Size\([^)]*\)) from checkpoint, "
+                       r"the shape in current model is (torch.Size\([^)]*\))", msg)
+    parts = []
+    if sizes:
+        name, a, b = sizes[0]
+        parts.append(f"{len(sizes)} size mismatch(es), e.g. {name}: {a} in the checkpoint, {b} in this model")
+    for label, m in (("missing", missing), ("unexpected", unexpected)):
+        if m:
+            names = [s.strip().strip('"') for s in m.group(1).split(",") if s.strip()]
+            parts.append(f"{len(names)} {label} key(s), e.g. {names[0]}")
+    return "; ".join(parts) or _first_line(e)

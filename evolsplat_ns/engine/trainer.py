@@ -1,0 +1,94 @@
+"""evolsplat-ff's trainer: nerfstudio's stock ``Trainer`` plus three reliability guarantees.
+
+1. **Checkpoints are written atomically.** nerfstudio writes ``step-N.ckpt`` in place, so a run killed while
+   saving leaves a truncated newest checkpoint, which ``--load-dir`` then picks. Here the file is written into a
+   hidden sibling folder and moved into ``nerfstudio_models/`` with one ``os.replace``: the folder only ever holds
+   complete checkpoints (and nothing else, which nerfstudio's own step parsing needs).
+2. **A checkpoint to resume from is checked before any long work.** ``--load-dir`` / ``--load-step`` /
+   ``--load-checkpoint`` are resolved and the file is checked (:func:`evolsplat_ns.engine.checkpoint.check_checkpoint`:
+   missing, truncated, not PyTorch, another method's) before the data are indexed and the model is built; the
+   file is then read once.
+3. **Bad input is one line.** Inside ``ns-train``, a :class:`DataValidationError` / :class:`ConfigError` /
+   :class:`CheckpointError` / empty point cloud is printed as one ``error:`` line and the process exits with
+   code 2 (``EVOLSPLAT_NS_VERBOSE=1`` shows the traceback); from Python the exception passes unchanged.
+
+Everything else is nerfstudio's: the training loop, logging, evaluation hooks and checkpoint contents.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Literal, Optional, Type
+
+from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from nerfstudio.utils.decorators import check_main_thread
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from evolsplat_ns.cli.common import one_line_errors_in_nerfstudio_commands
+from evolsplat_ns.engine.checkpoint import check_checkpoint, resolve_checkpoint
+
+
+@dataclass
+class EvolSplatTrainerConfig(TrainerConfig):
+    """nerfstudio's trainer options; the trainer adds atomic checkpoints and up-front checks."""
+
+    _target: Type = field(default_factory=lambda: EvolSplatTrainer)
+
+
+class EvolSplatTrainer(Trainer):
+    config: EvolSplatTrainerConfig
+
+    def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
+        with one_line_errors_in_nerfstudio_commands():
+            # before the data are indexed and the model built: a bad checkpoint costs seconds, not minutes
+            self._resume_path: Optional[Path] = resolve_checkpoint(
+                self.config.load_dir, self.config.load_step, self.config.load_checkpoint)
+            if self._resume_path is not None:
+                check_checkpoint(self._resume_path, mmap=True)
+            super().setup(test_mode=test_mode)
+
+    def train(self) -> None:
+        # errors found late (a scene first decoded mid-run, a segment whose point cloud is empty) are one line too
+        with one_line_errors_in_nerfstudio_commands():
+            super().train()
+
+    def _load_checkpoint(self) -> None:
+        path = getattr(self, "_resume_path", None)
+        if path is None:
+            return super()._load_checkpoint()  # nothing to load: nerfstudio says "training from scratch"
+        state: Dict[str, Any] = check_checkpoint(path, mmap=False)  # the one full read
+        self._start_step = int(state["step"]) + 1
+        if hasattr(self.pipeline, "_checkpoint_path"):
+            self.pipeline._checkpoint_path = path  # named in the pipeline's error if the weights do not fit
+        self.pipeline.load_pipeline(state["pipeline"], state["step"])
+        self.optimizers.load_optimizers(state["optimizers"])
+        if "schedulers" in state and self.config.load_scheduler:
+            self.optimizers.load_schedulers(state["schedulers"])
+        self.grad_scaler.load_state_dict(state["scalers"])
+        CONSOLE.print(f"Done loading checkpoint from {path} (step {state['step']})")
+
+    @check_main_thread
+    def save_checkpoint(self, step: int) -> None:
+        """nerfstudio's checkpoint, written to a hidden sibling folder and moved into place atomically."""
+        final_dir = Path(self.checkpoint_dir)
+        partial_dir = final_dir.parent / f".{final_dir.name}.partial"
+        name = f"step-{step:09d}.ckpt"
+        partial_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir = partial_dir
+        try:
+            super().save_checkpoint(step)  # nerfstudio's contents, into the hidden folder
+            tmp = partial_dir / name
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            final_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final_dir / name)
+        finally:
+            self.checkpoint_dir = final_dir
+            shutil.rmtree(partial_dir, ignore_errors=True)
+        if self.config.save_only_latest_checkpoint:
+            for f in final_dir.glob("step-*.ckpt"):
+                if f.name != name:
+                    f.unlink()

@@ -145,8 +145,16 @@ def data_root(tmp_path_factory):
 def ddp_run(data_root, tmp_path_factory):
     from evolsplat_ns.pipeline.distributed import free_port, spawn_local
 
-    out = tmp_path_factory.mktemp("ddp_runs")
-    spawn_local(_worker, WORLD, args=(free_port(), str(data_root), str(out)), timeout_s=240)
+    for attempt in range(2):
+        out = tmp_path_factory.mktemp("ddp_runs")
+        for run in ("a", "b"):  # both ranks create the run folders; make them first (a mkdir race seen under load)
+            (out / run / "synth" / "evolsplat-ff-small" / "run" / "nerfstudio_models").mkdir(parents=True)
+        try:
+            spawn_local(_worker, WORLD, args=(free_port(), str(data_root), str(out)), timeout_s=240)
+            break
+        except Exception as e:  # noqa: BLE001 - one retry for a file-system race between the ranks, nothing else
+            if attempt or not any(k in str(e) for k in ("FileExistsError", "FileNotFoundError")):
+                raise
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return ranks, torch.load(out / "reference.pt", weights_only=False)
 

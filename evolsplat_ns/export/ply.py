@@ -7,14 +7,14 @@ w x y z). Written atomically: a temporary file in the same folder, then renamed.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from evolsplat_ns.atomic import write_atomic
 
 
 def gaussian_ply_fields(num_rest: int):
@@ -35,7 +35,6 @@ def write_gaussian_ply(path: Union[str, Path], means: Tensor, sh: Tensor, opacit
     from plyfile import PlyData, PlyElement
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     N, K, _ = sh.shape
     q = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     rest = sh[:, 1:, :].transpose(1, 2).reshape(N, 3 * (K - 1))  # channel-major
@@ -45,13 +44,5 @@ def write_gaussian_ply(path: Union[str, Path], means: Tensor, sh: Tensor, opacit
     arr = np.empty(N, dtype=[(n, "f4") for n in names])
     for i, n in enumerate(names):
         arr[n] = data[:, i]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            PlyData([PlyElement.describe(arr, "vertex")], text=False).write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: PlyData([PlyElement.describe(arr, "vertex")], text=False).write(f))
     return path

@@ -15,15 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from evolsplat_ns.atomic import write_atomic
 from evolsplat_ns.data.records import SceneRecord
 from evolsplat_ns.data.scene_index import Segment
 from evolsplat_ns.pointcloud.generators import RGBPointCloudGenerator, make_generator
@@ -82,13 +81,7 @@ class SegmentPointCloud:
             logger.warning("KNN cache %s does not match its cloud; recomputing it", side)
         d = knn_mean_distance(self.points)
         if side is not None:
-            tmp = side.parent / f".{side.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy"
-            try:
-                np.save(tmp, d)
-                os.replace(tmp, side)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+            write_atomic(side, lambda f: np.save(f, d))
         return d
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from evolsplat_ns.atomic import write_atomic
 from evolsplat_ns.cameras import rigid_inverse
 
 logger = logging.getLogger(__name__)
@@ -196,16 +195,8 @@ class LidarSource:
         flat = d.reshape(-1)
         idx = np.flatnonzero(flat)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez_compressed(f, index=idx.astype(np.int64), depth=flat[idx])
-                os.replace(tmp, path)  # atomic: readers see the old state or the whole new file
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            # atomic: readers see the old state or the whole new file
+            write_atomic(path, lambda f: np.savez_compressed(f, index=idx.astype(np.int64), depth=flat[idx]))
         except OSError as e:
             if "cache" not in self._warned:
                 self._warned.add("cache")

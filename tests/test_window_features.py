@@ -93,7 +93,8 @@ def test_bilinear_between_pixel_centres():
         for du in (-1, 0, 1):
             expected = torch.tensor([(u + du - 0.5) / 100, (v + dv - 0.5) / 100, 0.0], dtype=torch.float64)
             torch.testing.assert_close(win[1 + dv, 1 + du, :3], expected, atol=1e-6, rtol=0)
-    assert win[1, 1, 3] == pytest.approx(3.0, abs=1e-6)  # unknown depth (0): vis = z
+    # unknown depth (0) is never read as 0: D comes from the points' own z-buffer (the point alone: D = z, vis = 0)
+    assert win[1, 1, 3] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_validity_at_borders_and_behind_camera():

@@ -55,6 +55,14 @@ class EvolSplatModelConfig(ModelConfig):
     """Channels of the sparse U-Net output."""
     local_radius: int = 1
     """Window radius R of the image-window features ((2R+1)^2 samples per source view)."""
+    visibility_depth: Literal["seed-cloud", "data"] = "seed-cloud"
+    """Source depth D behind the window features' visibility channel (z - D): 'seed-cloud' = the segment's seed
+    points z-buffered into each source view at each point's footprint (defined wherever a point projects: works with
+    sparse LiDAR depth or none); 'data' = the data's depth maps (the reference, which has dense monocular depth), the
+    points' z-buffer where a map has no value. Unknown depth is never read as 0."""
+    colour_residual: bool = True
+    """The colour head corrects a base colour from the source views (the visibility-weighted window-centre colours;
+    its last layer starts at zero) instead of predicting colour from scratch as the reference does."""
     sh_degree: int = 1
     """Spherical-harmonics degree of the decoded colour."""
     offset_max: float = 0.1
@@ -113,7 +121,8 @@ class SharedState:
     """``f3`` [M, C] volume features, ``means`` [M, 3] points + predicted offset."""
     aux: Dict[str, Tensor]
     """``fw`` [M, V(2R+1)^2 4] window features, ``base_log_scale`` [M, 3], ``mask`` [N] kept points,
-    ``ref_c2w`` [4, 4] background reference camera."""
+    ``ref_c2w`` [4, 4] background reference camera, ``base_rgb`` [M, 3] the sources' colour of each point (with
+    ``colour_residual``)."""
     source: Views
 
     def detached(self) -> "SharedState":
@@ -136,7 +145,7 @@ class EvolSplatModel(Model):
         window = (2 * self.config.local_radius + 1) ** 2
         self.encoder = build_unet(self.config.sparse_backend, in_channels=3, out_channels=self.config.volume_dim)
         self.heads = GaussianHeads(self.config.volume_dim, V * window * 4, self.config.sh_degree,
-                                   self.config.offset_max)
+                                   self.config.offset_max, colour_residual=self.config.colour_residual)
         self.background = HemisphereBackground(V, self.config.bg_num_points, self.config.bg_radius,
                                                self.config.bg_center)
         # Checkpoints keep only the offsets; the rest of a segment is rebuilt deterministically from its cached cloud.
@@ -186,14 +195,16 @@ class EvolSplatModel(Model):
     def extract_shared(self, batch: SegmentBatch) -> SharedState:
         """Shared extraction of one batch (the active segment's points and the batch's source views)."""
         from evolsplat_ns.model.sparse import sample_volume, voxelize
-        from evolsplat_ns.model.window_features import sample_window_features
+        from evolsplat_ns.model.window_features import sample_window_features, source_colour
 
         seg = self.segments.current
         means0: Tensor = seg["means"]
         offset: Tensor = seg["offset"]
         src = batch.source
-        fw_all, _, mask = sample_window_features(means0, src.image, src.extrinsics, src.intrinsics, src.depth,
-                                                 radius=self.config.local_radius)
+        spacing = torch.exp(seg["log_scales"][:, 0])  # the points' neighbour spacing: their z-buffer footprint
+        depths = src.depth if self.config.visibility_depth == "data" else None
+        fw_all, valid, mask = sample_window_features(means0, src.image, src.extrinsics, src.intrinsics, depths,
+                                                     radius=self.config.local_radius, spacing=spacing)
         box = self.config.volume_aabb
         vox = self.segments.cached("voxels", lambda: voxelize(
             means0, seg["colours"], self.config.voxel_size, *((box[:3], box[3:]) if box is not None else ())))
@@ -209,12 +220,12 @@ class EvolSplatModel(Model):
         means = means0[idx] + new_offset
         n_frames = int(src.keyframe_indices.shape[0])
         mid = (n_frames // 2) * (len(src) // n_frames)  # front camera of the middle source frame
-        return SharedState(
-            tensors={"f3": f3, "means": means},
-            aux={"fw": fw_all[idx], "base_log_scale": seg["log_scales"][idx], "mask": mask,
-                 "ref_c2w": src.extrinsics[mid]},
-            source=src,
-        )
+        fw = fw_all[idx]
+        aux = {"fw": fw, "base_log_scale": seg["log_scales"][idx], "mask": mask, "ref_c2w": src.extrinsics[mid]}
+        if self.config.colour_residual:
+            aux["base_rgb"] = source_colour(fw, valid[idx], len(src), self.config.local_radius,
+                                            fallback=seg["colours"][idx])
+        return SharedState(tensors={"f3": f3, "means": means}, aux=aux, source=src)
 
     @torch.no_grad()
     def _encode_frozen(self, vox):
@@ -233,7 +244,7 @@ class EvolSplatModel(Model):
         from evolsplat_ns.model.rasterize_torch import sh_to_rgb
 
         f3, means = tensors["f3"], tensors["means"]
-        fw = shared.aux["fw"]
+        fw, base_rgb = shared.aux["fw"], shared.aux.get("base_rgb")
         dist, direction = view_inputs(means, c2w[:3, 3])
         vd = torch.cat([dist, direction], dim=-1)
         dlog, quats, opa = self.heads.predict_geometry(f3, vd)
@@ -243,7 +254,8 @@ class EvolSplatModel(Model):
             if keep.numel() < CULL_MIN_FRACTION * means.shape[0]:  # else gathering the rows costs more than it saves
                 means, scales, quats, opa, fw, vd, direction = (
                     x[keep] for x in (means, scales, quats, opa, fw, vd, direction))
-        sh = self.heads.predict_colour(fw, vd)
+                base_rgb = base_rgb[keep] if base_rgb is not None else None
+        sh = self.heads.predict_colour(fw, vd, base_rgb)
         K3 = K[:3, :3]
         backend = self.config.rasterizer
         src = shared.source
@@ -291,7 +303,7 @@ class EvolSplatModel(Model):
         c2w = shared.aux["ref_c2w"] if c2w is None else c2w
         f3, means = shared.tensors["f3"], shared.tensors["means"]
         dist, direction = view_inputs(means, c2w[:3, 3])
-        sh, dlog, quats, opa = self.heads.predict_view(f3, shared.aux["fw"], dist, direction)
+        sh, dlog, quats, opa = self.heads.predict_view(f3, shared.aux["fw"], dist, direction, shared.aux.get("base_rgb"))
         return {"means": means, "sh": sh, "opacity_logit": opa, "log_scales": dlog + shared.aux["base_log_scale"],
                 "quats": quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)}
 

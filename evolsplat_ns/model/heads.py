@@ -5,7 +5,8 @@ Per point, from the 16-d volume feature ``f3`` and the window feature ``fw`` (V 
 =============  ===================================================  =========================================
 head           input -> hidden -> output                            use
 =============  ===================================================  =========================================
-colour         [fw, dist, dir] -> 128 -> 128 -> 3 (sh_degree+1)^2   SH coefficients (view-dependent colour)
+colour         [fw, dist, dir] -> 128 -> 128 -> 3 (sh_degree+1)^2   SH coefficients (view-dependent colour), as a
+                                                                    correction of a base colour when one is given
 geometry       [f3, dist, dir] -> 64 (Tanh) -> 7                    3 log-scale residuals + 4 quaternion
 opacity        [f3, dist, dir] -> 64 -> 1                           logit of the opacity
 offset         f3 -> 64 -> 3, Tanh x offset_max                     displacement of the point (metres)
@@ -14,14 +15,22 @@ offset         f3 -> 64 -> 3, Tanh x offset_max                     displacement
 ``dist`` and ``dir`` are the distance and unit direction from the *target* camera centre to the point, so the
 colour, geometry and opacity heads run once per target view; the offset head (and everything feeding it) is
 view-independent and runs once per batch.
+
+Base colour (``colour_residual``, our deviation from the reference): the colour head's output is added to the SH
+of a base colour taken from the source views (:func:`evolsplat_ns.model.window_features.source_colour`), and its
+last layer starts at zero, so that the first render already shows the sources' colours and the head learns a
+correction. On real images the reference's plain head could fall into predicting colour from distance (the
+visibility channel) and never find the pass-through; the opacity head then faded every Gaussian (grey renders).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from evolsplat_ns.pointcloud.init import rgb_to_sh
 
 
 def mlp(dims, hidden_act=nn.ReLU, out_act=None) -> nn.Sequential:
@@ -46,7 +55,8 @@ def view_inputs(means: Tensor, cam_center: Tensor) -> Tuple[Tensor, Tensor]:
 class GaussianHeads(nn.Module):
     """The four EVolSplat heads; see the module docstring."""
 
-    def __init__(self, volume_dim: int, window_dim: int, sh_degree: int = 1, offset_max: float = 0.1) -> None:
+    def __init__(self, volume_dim: int, window_dim: int, sh_degree: int = 1, offset_max: float = 0.1,
+                 colour_residual: bool = False) -> None:
         super().__init__()
         self.sh_degree = sh_degree
         self.num_sh = (sh_degree + 1) ** 2
@@ -55,13 +65,17 @@ class GaussianHeads(nn.Module):
         self.geometry = mlp([volume_dim + 4, 64, 7], hidden_act=nn.Tanh)
         self.opacity = mlp([volume_dim + 4, 64, 1])
         self.offset = mlp([volume_dim, 64, 3], out_act=nn.Tanh)
+        if colour_residual:  # start from the base colour exactly; the correction is learned
+            nn.init.zeros_(self.colour[-1].weight)
+            nn.init.zeros_(self.colour[-1].bias)
 
     def predict_offset(self, f3: Tensor) -> Tensor:
         """``[N, 16] -> [N, 3]`` metres, bounded by ``offset_max``."""
         return self.offset_max * self.offset(f3)
 
-    def predict_view(self, f3: Tensor, fw: Tensor, dist: Tensor, direction: Tensor):
-        """Per-view Gaussian attributes.
+    def predict_view(self, f3: Tensor, fw: Tensor, dist: Tensor, direction: Tensor,
+                     base_rgb: Optional[Tensor] = None):
+        """Per-view Gaussian attributes (``base_rgb``: see :meth:`predict_colour`).
 
         Returns:
             sh ``[N, (sh_degree+1)^2, 3]``, log-scale residual ``[N, 3]``, quaternion ``[N, 4]`` (unnormalised),
@@ -69,7 +83,7 @@ class GaussianHeads(nn.Module):
         """
         vd = torch.cat([dist, direction], dim=-1)
         dlog, quats, opa = self.predict_geometry(f3, vd)
-        return self.predict_colour(fw, vd), dlog, quats, opa
+        return self.predict_colour(fw, vd, base_rgb), dlog, quats, opa
 
     def predict_geometry(self, f3: Tensor, vd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Log-scale residual ``[N, 3]``, quaternion ``[N, 4]``, opacity logit ``[N]`` from ``f3`` and
@@ -78,6 +92,11 @@ class GaussianHeads(nn.Module):
         geo = self.geometry(x)
         return geo[:, :3], geo[:, 3:], self.opacity(x).squeeze(-1)
 
-    def predict_colour(self, fw: Tensor, vd: Tensor) -> Tensor:
-        """SH coefficients ``[N, (sh_degree+1)^2, 3]`` from the window features and ``vd`` (the costly head)."""
-        return self.colour(torch.cat([fw, vd], dim=-1)).reshape(-1, self.num_sh, 3)
+    def predict_colour(self, fw: Tensor, vd: Tensor, base_rgb: Optional[Tensor] = None) -> Tensor:
+        """SH coefficients ``[N, (sh_degree+1)^2, 3]`` from the window features and ``vd`` (the costly head); with
+        ``base_rgb`` ``[N, 3]`` (in [0, 1]) the head's output corrects that colour (added to its degree-0 term)."""
+        sh = self.colour(torch.cat([fw, vd], dim=-1)).reshape(-1, self.num_sh, 3)
+        if base_rgb is None:
+            return sh
+        dc = rgb_to_sh(base_rgb.to(sh.dtype))
+        return torch.cat([sh[:, :1] + dc[:, None], sh[:, 1:]], dim=1)

@@ -7,10 +7,13 @@ one pixel) is sampled bilinearly from the image. Each sample carries
 
 - ``r, g, b``: the bilinear colour at the sample position;
 - ``vis``: the visibility value of the point in that view, ``z - D(u, v)``: the point's projected depth minus
-  the source depth map sampled at the window centre (the same value for every sample of the window). About 0
-  for a point on the observed surface, positive for a point hidden behind it, negative for a point in front of
-  it (free space). Where the depth map is 0 ("unknown", e.g. sky) this is just ``z`` (and a bilinear centre
-  sample next to unknown pixels mixes in those zeros: use ``depth_mode="nearest"`` to avoid mixing).
+  the source depth at the window centre (the same value for every sample of the window). About 0 for a point on
+  the observed surface, positive for a point hidden behind it, negative for a point in front of it (free space).
+  ``D`` is never "unknown": without depth maps it is the z-buffer of the points themselves at each point's
+  footprint (:mod:`evolsplat_ns.model.visibility`, then ``vis >= 0``); with depth maps it is the map's value
+  where the map has one (``> 0``, read with ``depth_mode``; a bilinear sample touching unknown pixels counts as
+  unknown) and the points' z-buffer elsewhere. (Reading a missing value as 0 would make ``vis`` the point's depth:
+  sparse LiDAR depth then feeds the network distance instead of visibility.)
 
 A sample is *valid* when the point is in front of the camera (``z > min_depth``) and the sample position lies
 inside the image (``0 <= u + du < W`` and ``0 <= v + dv < H``, the pixel areas). Invalid samples have
@@ -25,7 +28,7 @@ offset ``(du, dv)``. ``valid`` has the same layout without the channel axis.
 
 from __future__ import annotations
 
-from typing import Literal, Tuple
+from typing import Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,7 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 from evolsplat_ns.cameras import project_points
+from evolsplat_ns.model.visibility import fill_unknown_depth, visibility_depth
 
 
 def window_offsets(radius: int, device=None, dtype=torch.float32) -> Tensor:
@@ -82,9 +86,10 @@ def sample_window_features(
     images: Tensor,
     c2w: Tensor,
     K: Tensor,
-    depths: Tensor,
+    depths: Optional[Tensor] = None,
     radius: int = 1,
     *,
+    spacing: Optional[Tensor] = None,
     min_depth: float = 1e-6,
     depth_mode: Literal["bilinear", "nearest"] = "bilinear",
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -95,8 +100,10 @@ def sample_window_features(
         images: ``[V, H, W, 3]`` source images, float in [0, 1].
         c2w: ``[V, 4, 4]`` OpenCV camera-to-world of the source views.
         K: ``[V, 3, 3]`` (or ``[V, 4, 4]``, top-left used) intrinsics.
-        depths: ``[V, H, W]`` source z-depth maps (0 = unknown).
+        depths: ``[V, H, W]`` source z-depth maps (0 = unknown), or ``None``: the points' own z-buffer.
         radius: window radius ``R`` (EVolSplat's ``local_radius``, 1 -> 3x3 windows).
+        spacing: ``[N]`` metres, each point's neighbour spacing (its base Gaussian scale): the footprint at which
+            the points' z-buffer is read (:func:`evolsplat_ns.model.visibility.footprint_level`); ``None``: per pixel.
         min_depth: a point counts as in front of a camera when its depth exceeds this.
         depth_mode: interpolation of the depth map at the window centre.
 
@@ -114,10 +121,18 @@ def sample_window_features(
     S = (2 * radius + 1) ** 2
     rgb, valid, uv, z = sample_windows(points, images, c2w, K, radius, min_depth=min_depth)
 
-    centre = rearrange(_to_grid(uv, W, H), "v n xy -> v n 1 xy")
-    dmap = rearrange(depths.to(dtype), "v h w -> v 1 h w")
-    d_centre = F.grid_sample(dmap, centre, mode=depth_mode, padding_mode="border", align_corners=False)
-    vis = z - rearrange(d_centre, "v 1 n 1 -> v n")  # [V, N]
+    centre_in = (z > min_depth) & (uv[..., 0] >= 0) & (uv[..., 0] < W) & (uv[..., 1] >= 0) & (uv[..., 1] < H)
+    d_centre = visibility_depth(uv, z, centre_in, H, W, K, spacing)  # [V, N], never 0 where centre_in
+    if depths is not None:
+        centre = rearrange(_to_grid(uv, W, H), "v n xy -> v n 1 xy")
+        dmap = rearrange(depths.to(dtype), "v h w -> v 1 h w")
+        known = (dmap > 0).to(dtype)
+        d_data = F.grid_sample(dmap, centre, mode=depth_mode, padding_mode="border", align_corners=False)
+        # a bilinear sample is known only if every pixel it mixes is (else the zeros of unknown pixels leak in)
+        k = F.grid_sample(known, centre, mode=depth_mode, padding_mode="border", align_corners=False)
+        d_data = torch.where(rearrange(k, "v 1 n 1 -> v n") > 1 - 1e-6, rearrange(d_data, "v 1 n 1 -> v n"), 0.0)
+        d_centre = fill_unknown_depth(d_data, d_centre)
+    vis = z - d_centre  # [V, N]
     vis = repeat(vis, "v n -> v n s 1", s=S)
 
     feat = torch.cat([rgb, vis], dim=-1)  # [V, N, S, 4]
@@ -126,3 +141,30 @@ def sample_window_features(
     valid = rearrange(valid, "v n s -> n (v s)")
     projection_mask = valid.sum(dim=-1) > radius * radius + 1
     return features, valid, projection_mask
+
+
+def source_colour(features: Tensor, valid: Tensor, num_views: int, radius: int = 1, *,
+                  vis_scale: float = 1.0, fallback: Optional[Tensor] = None) -> Tensor:
+    """What the source views say a point's colour is: the window-centre colours, averaged over the views with
+    weights ``exp(-max(vis, 0) / vis_scale)`` (views that see the point unoccluded dominate; if every view has it
+    hidden, the least hidden wins).
+
+    Args:
+        features: ``[N, V (2R+1)^2 4]`` window features (:func:`sample_window_features`).
+        valid: ``[N, V (2R+1)^2]`` bool, their validity.
+        vis_scale: metres of occlusion that divide a view's weight by ``e``.
+        fallback: ``[N, 3]`` colour of points whose centre sample is valid in no view (e.g. the seed colour);
+            default 0.5 grey.
+
+    Returns:
+        ``[N, 3]`` RGB in [0, 1].
+    """
+    S = (2 * radius + 1) ** 2
+    f = rearrange(features, "n (v s c) -> n v s c", v=num_views, s=S, c=4)[:, :, S // 2]  # [N, V, 4] centre
+    ok = rearrange(valid, "n (v s) -> n v s", v=num_views, s=S)[:, :, S // 2]
+    w = torch.exp(-f[..., 3].clamp_min(0.0) / vis_scale) * ok.to(f.dtype)  # [N, V]
+    total = w.sum(dim=-1, keepdim=True)
+    rgb = (w[..., None] * f[..., :3]).sum(dim=1) / total.clamp_min(1e-12)
+    if fallback is None:
+        fallback = torch.full_like(rgb, 0.5)
+    return torch.where(total > 0, rgb, fallback.to(rgb.dtype))

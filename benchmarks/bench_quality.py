@@ -28,18 +28,6 @@ def sync():
         torch.cuda.synchronize()
 
 
-def seed_cloud_render(model, tgt, v):
-    """The active segment's seed points as fixed Gaussians: own colour, KNN scale, opacity 0.9."""
-    from evolsplat_ns.model.render import render_gaussians
-
-    seg = model.segments.current
-    means = seg["means"]
-    quats = torch.zeros(means.shape[0], 4, device=means.device)
-    quats[:, 0] = 1
-    return render_gaussians(means, quats, torch.exp(seg["log_scales"]), torch.full_like(means[:, 0], 0.9),
-                            seg["colours"], tgt.extrinsics[v], tgt.intrinsics[v], tgt.width, tgt.height)["rgb"]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--load-config", type=Path, required=True)
@@ -50,6 +38,7 @@ def main():
     from nerfstudio.utils.eval_utils import eval_setup
     from PIL import Image
 
+    from evolsplat_ns.model.render import render_seed_cloud
     from evolsplat_ns.pointcloud.cache import segment_pointcloud
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +54,9 @@ def main():
         outs = pipe.render_targets(batch, shared)
         for v, o in enumerate(outs):
             gt = batch.target.image[v]
-            base = seed_cloud_render(model, batch.target, v)
+            tgt = batch.target
+            base = render_seed_cloud(model.segments.current, tgt.extrinsics[v], tgt.intrinsics[v], tgt.width,
+                                     tgt.height)
             rows.append({"ours": model.image_metrics(o["rgb"], gt), "seed_cloud": model.image_metrics(base, gt)})
             if saved < args.images and v % 3 == 0:
                 img = torch.cat([gt, o["rgb"].clamp(0, 1), base.clamp(0, 1)], dim=1)

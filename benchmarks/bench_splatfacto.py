@@ -69,7 +69,7 @@ def export_scene(pipe, scene_id: int, out: Path):
 
     dm, model = pipe.datamanager, pipe.ff_model
     (out / "images").mkdir(parents=True, exist_ok=True)
-    frames, train, test, targets, seen = [], [], [], [], set()
+    frames, train, test, targets, seen, clouds = [], [], [], [], set(), set()
     points, colours = [], []
 
     def add(views, v, name):
@@ -96,6 +96,9 @@ def export_scene(pipe, scene_id: int, out: Path):
             add(tgt, v, name)
             test.append(name)
             targets.append(tgt.image[v].cpu())
+        if (batch.scene_id, batch.segment_id) in clouds:
+            continue  # several evaluation batches can share a segment: its cloud once
+        clouds.add((batch.scene_id, batch.segment_id))
         pipe.activate(batch.scene_id, batch.segment_id)
         points.append(model.segments.current["means"].cpu().numpy())
         colours.append(model.segments.current["colours"].cpu().numpy())
@@ -119,6 +122,59 @@ def score(metric_fn, preds, targets):
     return {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
 
 
+def run_splatfacto(scene_dir: Path, runs_dir: Path, name: str, budgets, metric, targets):
+    """nerfstudio's splatfacto, unchanged, trained on ``scene_dir`` (written by :func:`export_scene`) on the clock
+    (evaluation time excluded) and scored after each budget (seconds) on its test views against ``targets`` with
+    ``metric``. Returns ({"splatfacto_<budget>s": scores...}, {key: renders})."""
+    import torchmetrics.image.lpip as lpip_module
+    from nerfstudio.configs.method_configs import all_methods
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import Nerfstudio
+    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+
+    lpip_module.LearnedPerceptualImagePatchSimilarity = _NoLPIPS
+    Nerfstudio._load_3D_points = _load_3d_points_without_open3d
+    cfg = copy.deepcopy(all_methods["splatfacto"])
+    cfg.pipeline.datamanager.data = scene_dir
+    cfg.pipeline.datamanager.dataparser.load_3D_points = True
+    cfg.output_dir = runs_dir
+    cfg.experiment_name = name
+    cfg.timestamp = "splatfacto"
+    cfg.vis = "tensorboard"
+    cfg.logging.local_writer.enable = False
+    cfg.max_num_iterations = 10**7
+    cfg.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    trainer = cfg.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    model = trainer.pipeline.model
+    eval_ds = trainer.pipeline.datamanager.eval_dataset
+    step_i, elapsed, renders, results = 0, 0.0, {}, {}
+    for budget in sorted(budgets):
+        while elapsed < budget:
+            sync()
+            t0 = time.perf_counter()
+            trainer.pipeline.train()
+            for cb in trainer.callbacks:
+                cb.run_callback_at_location(step_i, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+            trainer.train_iteration(step_i)
+            for cb in trainer.callbacks:
+                cb.run_callback_at_location(step_i, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+            sync()
+            elapsed += time.perf_counter() - t0
+            step_i += 1
+        trainer.pipeline.eval()
+        preds = []
+        with torch.no_grad():
+            for i in range(len(eval_ds)):
+                cam = eval_ds.cameras[i : i + 1].to(model.device)
+                preds.append(model.get_outputs_for_camera(cam)["rgb"].cpu())
+        key = f"splatfacto_{int(budget)}s"
+        results[key] = {**score(metric, preds, targets), "steps": step_i, "seconds": elapsed,
+                        "gaussians": int(model.num_points)}
+        renders[key] = preds
+        print(name, key, results[key], flush=True)
+    return results, renders
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--load-config", type=Path, required=True, help="config.yml of a trained evolsplat-ff run")
@@ -126,15 +182,8 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("outputs/bench_splatfacto"))
     ap.add_argument("--images", type=int, default=4, help="side-by-side images to save per scene")
     args = ap.parse_args()
-    import torchmetrics.image.lpip as lpip_module
-    from nerfstudio.configs.method_configs import all_methods
-    from nerfstudio.engine.callbacks import TrainingCallbackLocation
     from nerfstudio.utils.eval_utils import eval_setup
 
-    from nerfstudio.data.dataparsers.nerfstudio_dataparser import Nerfstudio
-
-    lpip_module.LearnedPerceptualImagePatchSimilarity = _NoLPIPS
-    Nerfstudio._load_3D_points = _load_3d_points_without_open3d
     args.out.mkdir(parents=True, exist_ok=True)
     _, pipe, _, step = eval_setup(args.load_config, test_mode="test")
     metric = pipe.ff_model.image_metrics
@@ -145,45 +194,9 @@ def main():
         targets, n_train = export_scene(pipe, sid, scene_dir)
         ours = feed_forward_renders(pipe, sid)
         row = {"train_views": n_train, "test_views": len(targets), "evolsplat_ff": score(metric, ours, targets)}
-        cfg = copy.deepcopy(all_methods["splatfacto"])
-        cfg.pipeline.datamanager.data = scene_dir
-        cfg.pipeline.datamanager.dataparser.load_3D_points = True
-        cfg.output_dir = args.out / "runs"
-        cfg.experiment_name = f"scene{sid:03d}"
-        cfg.timestamp = "splatfacto"
-        cfg.vis = "tensorboard"
-        cfg.logging.local_writer.enable = False
-        cfg.max_num_iterations = 10**7
-        cfg.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        trainer = cfg.setup(local_rank=0, world_size=1)
-        trainer.setup()
-        model = trainer.pipeline.model
-        eval_ds = trainer.pipeline.datamanager.eval_dataset
-        step_i, elapsed, renders = 0, 0.0, {}
-        for budget in sorted(args.budgets):
-            while elapsed < budget:
-                sync()
-                t0 = time.perf_counter()
-                trainer.pipeline.train()
-                for cb in trainer.callbacks:
-                    cb.run_callback_at_location(step_i, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-                trainer.train_iteration(step_i)
-                for cb in trainer.callbacks:
-                    cb.run_callback_at_location(step_i, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
-                sync()
-                elapsed += time.perf_counter() - t0
-                step_i += 1
-            trainer.pipeline.eval()
-            preds = []
-            with torch.no_grad():
-                for i in range(len(eval_ds)):
-                    cam = eval_ds.cameras[i : i + 1].to(model.device)
-                    preds.append(model.get_outputs_for_camera(cam)["rgb"].cpu())
-            key = f"splatfacto_{int(budget)}s"
-            row[key] = {**score(metric, preds, targets), "steps": step_i, "seconds": elapsed,
-                        "gaussians": int(model.num_points)}
-            renders[key] = preds
-            print(sid, key, row[key], flush=True)
+        results, renders = run_splatfacto(scene_dir, args.out / "runs", f"scene{sid:03d}", args.budgets, metric,
+                                          targets)
+        row.update(results)
         for i in range(0, len(targets), max(1, len(targets) // args.images))[: args.images]:
             cols = [targets[i], ours[i].clamp(0, 1)] + [renders[k][i].clamp(0, 1) for k in renders]
             _save_png(args.out / f"b7b_scene{sid:03d}_view{i:02d}.png", torch.cat(cols, dim=1))

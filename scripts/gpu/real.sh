@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# On the GPU machine: the real-data benchmark (benchmarks/bench_real.py) on PandaSet 002 at 960x540.
+# The sequence is carried packed (scripts/gpu/pack_pandaset.py, 64 MiB a call): .gpu_data/<part>/ folders are
+# unpacked into /tmp/pandaset/002 by "unpack"; the machine keeps /tmp while it stays warm between calls.
+#   bash scripts/gpu/real.sh unpack                       # every .gpu_data/*/ carried in this call
+#   bash scripts/gpu/real.sh train NAME SECONDS [ns-train options...]   # leave-one-camera-out training (front held out)
+#   bash scripts/gpu/real.sh eval RUN [RUN...]            # (a) seed cloud, (c) ours: every held-out front image
+#   bash scripts/gpu/real.sh splatfacto RUN [BUDGETS...]  # (b) splatfacto on the front camera's even frames
+#   STEPS="100 200" bash scripts/gpu/real.sh trace RUN...  # opacity / scale / colour / PSNR over the checkpoints
+# Results under $OUT (default outputs/real).
+source scripts/gpu/env.sh
+RES=${OUT:-outputs/real}
+RUNS=/tmp/real_runs
+mkdir -p "$RES"
+case "$1" in
+unpack)
+    for d in .gpu_data/*/; do python3 scripts/gpu/pack_pandaset.py unpack "$d" /tmp/pandaset/002; done
+    python3 benchmarks/bench_real.py split --sequence /tmp/pandaset/002 --out /tmp/pd_cams
+    du -sh /tmp/pandaset/002/* ;;
+train)
+    name=$2; secs=$3; shift 3
+    # scenes (sorted): 0 back, 1 front, 2 front_left, 3 front_right, 4 left, 5 right: train on all but the front
+    timeout "$secs" python3 -m nerfstudio.scripts.train evolsplat-ff --data /tmp/pd_cams \
+        --pipeline.datamanager.dataparser.layout pandaset --pipeline.datamanager.dataparser.eval-scene-ids 1 \
+        --pipeline.model.pointcloud.generator lidar --pipeline.model.pointcloud-cache-dir /tmp/pd_cache \
+        --pipeline.datamanager.dataparser.lidar-cache-dir /tmp/pd_cache/lidar \
+        --output-dir $RUNS --experiment-name "$name" --timestamp run --vis tensorboard \
+        --max-num-iterations 100000 --steps-per-save 100 --save-only-latest-checkpoint False \
+        --steps-per-eval-batch 100000 --steps-per-eval-image 100000 --steps-per-eval-all-images 1000000 \
+        --viewer.quit-on-train-completion True "$@" > "$RES/train_$name.log" 2>&1
+    echo "train $name: exit $? (124 = stopped at $secs s); checkpoints:"; ls $RUNS/$name/evolsplat-ff/run/nerfstudio_models | tail -3
+    grep -v -i "warn" "$RES/train_$name.log" | tail -4 ;;
+eval)
+    shift
+    cfgs=(); for r in "$@"; do cfgs+=("$RUNS/$r/evolsplat-ff/run/config.yml"); done
+    python3 benchmarks/bench_real.py eval --load-config "${cfgs[@]}" --out "$RES" ${STEP:+--step $STEP} > "$RES/eval.log" 2>&1
+    echo "eval exit $?"; grep -v -i "warn" "$RES/eval.log" | tail -40 ;;
+trace)  # STEPS="100 200 ..." bash scripts/gpu/real.sh trace RUN [RUN...]
+    shift
+    cfgs=(); for r in "$@"; do cfgs+=("$RUNS/$r/evolsplat-ff/run/config.yml"); done
+    python3 benchmarks/bench_real.py trace --load-config "${cfgs[@]}" --steps $STEPS --out "$RES" > "$RES/trace.log" 2>&1
+    echo "trace exit $?"; grep -v -i "warn" "$RES/trace.log" | tail -30 ;;
+splatfacto)
+    run=$2; shift 2
+    python3 benchmarks/bench_real.py splatfacto --load-config "$RUNS/$run/evolsplat-ff/run/config.yml" \
+        --budgets "${@:-30 300}" --out /tmp/real_splatfacto > "$RES/splatfacto.log" 2>&1
+    echo "splatfacto exit $?"; grep -v -i "warn" "$RES/splatfacto.log" | tail -30
+    cp /tmp/real_splatfacto/*.json /tmp/real_splatfacto/*.png "$RES/" 2>/dev/null ;;
+esac

@@ -73,7 +73,7 @@ def _print_tables(s: Dict[str, object]) -> None:
                   sc["role"], str(sc["num_frames"]), str(sc["num_cameras"]), f"{size[0]}x{size[1]}" if size else "",
                   str(sc["num_keyframes"]), str(len(sc["segments"])), sc.get("skipped", ""))
     con.print(t)
-    kf_t = Table(title="Keyframes (first..last frame: frames, metres to the next keyframe)")
+    kf_t = Table(title="Keyframes (first..last frame: frames, metres travelled up to the next keyframe)")
     kf_t.add_column("scene")
     kf_t.add_column("keyframes")
     for sc in s["scenes"]:  # type: ignore[union-attr]

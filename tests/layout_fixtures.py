@@ -224,7 +224,7 @@ def write_drivestudio(scene_dir: Path, num_frames: int = 12, cams=(0, 1, 2), siz
             R[:3, :3] = _WAYMO_AXES_IN_CV
             np.savetxt(scene_dir / "extrinsics" / f"{c}.txt", cam_cv @ R)  # Waymo camera -> ego
     for t in range(num_frames):
-        E = ego_pose(max(0, t - stand_still))
+        E = ego_pose(t)
         if style == "waymo":
             np.savetxt(scene_dir / "ego_pose" / f"{t:03d}.txt", E)
         for c in cams:

@@ -267,9 +267,10 @@ PANDASET_CAMERAS = ["front", "front_left", "front_right", "left", "right", "back
 
 
 def write_pandaset(seq_dir: Path, num_frames: int = 12, size=(96, 54), cams=PANDASET_CAMERAS,
-                   missing_sweeps=()) -> Truth:
+                   missing_sweeps=(), stand_still: int = 0) -> Truth:
     """A raw PandaSet sequence: per camera folder jpgs + intrinsics/poses/timestamps JSON; LiDAR sweeps as gzipped
-    pickled pandas DataFrames (x, y, z world, i, t, d); ``missing_sweeps`` are not written."""
+    pickled pandas DataFrames (x, y, z world, i, t, d); ``missing_sweeps`` are not written. The car waits for the
+    first ``stand_still`` frames (as in PandaSet 002, at a light; the clock runs on), then drives off."""
     import pandas as pd
     from scipy.spatial.transform import Rotation
 
@@ -285,7 +286,7 @@ def write_pandaset(seq_dir: Path, num_frames: int = 12, size=(96, 54), cams=PAND
         (d / "intrinsics.json").write_text(json.dumps({"fx": K[0, 0], "fy": K[1, 1], "cx": K[0, 2], "cy": K[1, 2]}))
         poses, times = [], []
         for t in range(num_frames):
-            c2w = ego_pose(t) @ camera_in_ego(RIG_YAW[name])
+            c2w = ego_pose(max(0, t - stand_still)) @ camera_in_ego(RIG_YAW[name])
             truth.c2w[(t, c)] = c2w
             truth.K[c] = K
             qx, qy, qz, qw = Rotation.from_matrix(c2w[:3, :3]).as_quat()  # scipy: scalar last
@@ -301,7 +302,7 @@ def write_pandaset(seq_dir: Path, num_frames: int = 12, size=(96, 54), cams=PAND
     world = lidar_world()
     lposes, ltimes = [], []
     for t in range(num_frames):
-        E = ego_pose(t)
+        E = ego_pose(max(0, t - stand_still))
         qx, qy, qz, qw = Rotation.from_matrix(E[:3, :3]).as_quat()
         lposes.append({"position": {"x": E[0, 3], "y": E[1, 3], "z": E[2, 3] + 1.8},
                        "heading": {"w": qw, "x": qx, "y": qy, "z": qz}})

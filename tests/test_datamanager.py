@@ -132,6 +132,10 @@ def test_options_that_cannot_work(root, tmp_path):
         make_dm(root, keyframes_per_segment=4, min_keyframes_per_segment=6)
     with pytest.raises(ConfigError, match="num_target_keyframes"):
         make_dm(root, num_source_keyframes=3, num_target_keyframes=11)
+    with pytest.raises(ConfigError, match="keyframe_max_frames=-1 must be 0 \\(off\\) or >= keyframe_min_count"):
+        make_dm(root, keyframe_max_frames=-1)
+    with pytest.raises(ConfigError, match="keyframe_max_frames=2 must be 0 \\(off\\) or >= keyframe_min_count=3"):
+        make_dm(root, keyframe_min_count=3, keyframe_max_frames=2)
     with pytest.raises(DataValidationError, match="eval_scene_ids"):
         make_dm(root, dataparser=type(EvolSplatDataManagerConfig().dataparser)(eval_scene_ids=(5,)))
     short = write_root(tmp_path / "short", num_scenes=2, num_frames=6, num_cams=1, size=(8, 12))
@@ -155,3 +159,90 @@ def test_viewer_dataset_and_rays(root):
     assert len(dm.train_dataset) == 2 * 40 * 3
     assert dm.get_train_rays_per_batch() == 6 * 3 * 8 * 12
     assert dm.train_dataset.cameras.camera_to_worlds.shape == (240, 3, 4)
+
+
+# ------------------------------------------------------------------------ a car that waits at a light (PandaSet 002)
+WAIT = 35  # frames the car stands still before it drives off (PandaSet 002: ~35 of 80 frames)
+
+
+@pytest.fixture(scope="module")
+def waiting_pandaset(tmp_path_factory):
+    pytest.importorskip("pandas")
+    from layout_fixtures import write_pandaset
+
+    root = tmp_path_factory.mktemp("waiting") / "pandaset"
+    write_pandaset(root / "002", num_frames=60, size=(48, 27), cams=["front", "back"], stand_still=WAIT)
+    return root
+
+
+def _pandaset_dm(root, cfg=None, **kw):
+    cfg = cfg or EvolSplatDataManagerConfig(**kw)
+    cfg.data = root
+    cfg.dataparser.lidar_cache_dir = root.parent / "lidar_cache"
+    return cfg.setup(device="cpu", test_mode="val")
+
+
+def _waiting_keyframes_drawn(dm, steps):
+    """Keyframes of the wait that training batches drew as sources or targets over ``steps``."""
+    kfs = dm.index[dm.train_scene_ids[0]].keyframes
+    drawn = set()
+    for step in range(steps):
+        _, b = dm.next_train(step)
+        for k in b.source.keyframe_indices.tolist() + b.target.keyframe_indices.tolist():
+            if kfs[k].start < WAIT:
+                drawn.add(k)
+    return drawn
+
+
+def test_a_waiting_car_is_sampled_over_its_whole_wait(waiting_pandaset):
+    dm = _pandaset_dm(waiting_pandaset)  # default options
+    (sid,) = dm.train_scene_ids
+    idx = dm.index[sid]
+    assert dm.scenes[sid].num_frames == 60 and dm.config.keyframe_max_frames == 10
+    # every frame in exactly one keyframe, time order; none longer than 10 frames
+    assert [t for kf in idx.keyframes for t in kf.frame_indices] == list(range(60))
+    assert max(len(kf) for kf in idx.keyframes) <= 10
+    # the wait: a keyframe per 10 frames, then the one in which the car drives off (1.2 m per frame: 2 frames per 2 m)
+    spans = [(kf.start, kf.stop) for kf in idx.keyframes]
+    assert spans[:4] == [(0, 10), (10, 20), (20, 30), (30, WAIT + 2)]
+    assert set().union(*(seg.frame_indices for seg in idx.segments)) == set(range(60))
+    # batches draw sources and targets from all over the wait
+    assert _waiting_keyframes_drawn(dm, 40) == {0, 1, 2, 3}
+    summary = dm.summary()["scenes"][0]
+    assert [k["frames"] for k in summary["keyframes"][:4]] == [[0, 9], [10, 19], [20, 29], [30, WAIT + 1]]
+    assert summary["keyframes"][0]["travel_m"] == 0.0 and summary["keyframes"][3]["travel_m"] == pytest.approx(2.4, abs=0.05)  # 2 x 1.2 m, on a curve
+
+    # the frame limit off: the distance rule alone makes the whole wait one keyframe
+    old = _pandaset_dm(waiting_pandaset, keyframe_max_frames=0)
+    old_kfs = old.index[old.train_scene_ids[0]].keyframes
+    assert (old_kfs[0].start, old_kfs[0].stop) == (0, WAIT + 2) and len(old_kfs) == len(idx.keyframes) - 3
+    # after the wait, the same keyframes as before
+    assert spans[4:] == [(kf.start, kf.stop) for kf in old_kfs[1:]]
+    assert _waiting_keyframes_drawn(old, 40) == {0}
+
+
+def test_keyframe_max_frames_on_the_command_line(waiting_pandaset, capsys):
+    import json
+
+    import tyro
+
+    from evolsplat_ns.cli.inspect import entrypoint
+    from evolsplat_ns.configs import make_trainer_config
+
+    # as ns-train evolsplat-ff parses it (tyro over the method's config)
+    default = make_trainer_config()
+    cfg = tyro.cli(type(default), default=default,
+                   args=["--data", str(waiting_pandaset), "--pipeline.datamanager.keyframe-max-frames", "0"])
+    assert cfg.pipeline.datamanager.keyframe_max_frames == 0 and make_trainer_config().pipeline.datamanager.keyframe_max_frames == 10
+    dm = _pandaset_dm(waiting_pandaset, cfg.pipeline.datamanager)
+    assert len(dm.index[0].keyframes[0]) == WAIT + 2
+    # evolsplat-ns-inspect shows the keyframes and the option
+    cache = ["--datamanager.dataparser.lidar-cache-dir", str(waiting_pandaset.parent / "lidar_cache")]
+    for value, first in (("0", [0, WAIT + 1]), ("10", [0, 9]), ("5", [0, 4])):
+        entrypoint(["--data", str(waiting_pandaset), "--json", "--datamanager.keyframe-max-frames", value, *cache])
+        s = json.loads(capsys.readouterr().out)
+        assert s["options"]["keyframe_max_frames"] == int(value) and s["scenes"][0]["keyframes"][0]["frames"] == first
+    # a bad value: one line naming the option, exit code 2
+    with pytest.raises(SystemExit) as e:
+        entrypoint(["--data", str(waiting_pandaset), "--datamanager.keyframe-max-frames", "-1", *cache])
+    assert e.value.code == 2 and "keyframe_max_frames" in capsys.readouterr().err

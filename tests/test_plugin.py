@@ -54,7 +54,7 @@ def test_ns_train_help_lists_data_options():
     assert out.returncode == 0, out.stderr
     for opt in ("num-source-keyframes", "num-target-keyframes", "segment-overlap-ratio", "min-keyframes-per-scene",
                 "min-keyframes-per-segment", "batches-per-segment", "segment-order", "scene-order",
-                "train-scene-ids", "eval-scene-ids", "targets-include-sources", "cache-scenes"):
+                "train-scene-ids", "eval-scene-ids", "targets-include-sources", "cache-scenes", "keyframe-max-frames"):
         assert f"--pipeline.datamanager.{opt}" in out.stdout or f"--pipeline.datamanager.dataparser.{opt}" in out.stdout, opt
 
 

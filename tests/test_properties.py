@@ -147,6 +147,8 @@ def dm_options(draw):
         keyframes_per_segment=kps,
         min_keyframes_per_segment=draw(st.integers(1, kps)),
         min_keyframes_per_scene=draw(st.sampled_from([6, 10, 14, 16])),
+        keyframe_min_count=draw(st.integers(1, 3)),
+        keyframe_max_frames=draw(st.sampled_from([0, 1, 2, 10])),
         segment_overlap_ratio=draw(st.sampled_from([0.0, 0.25, 0.5, 0.9])),
         batches_per_segment=draw(st.integers(1, 3)),
         segment_order=draw(st.sampled_from(["random", "sequential"])),
@@ -192,7 +194,7 @@ def test_batch_composition(root, opts, steps):
         dm = make()
     except (ConfigError, DataValidationError) as e:  # options that cannot work are refused at set-up, by name
         assert any(k in str(e) for k in ("num_source_keyframes", "num_target_keyframes", "keyframes_per_segment",
-                                         "min_keyframes_per_s", "train_scene_ids", "segment")), str(e)
+                                         "min_keyframes_per_s", "train_scene_ids", "segment", "keyframe_max_frames")), str(e)
         return
     # once set up, no step fails: every batch has the documented layout
     for step in sorted(steps):

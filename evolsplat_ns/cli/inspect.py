@@ -1,7 +1,7 @@
 """``evolsplat-ns-inspect``: what the data side sees.
 
-Scenes used and skipped (and why), keyframes and segments per scene with their boxes, and one sample batch's
-tensor shapes — as tables, or as JSON with ``--json``.
+Scenes used and skipped (and why), keyframes (frame spans, frames and metres each) and segments per scene with
+their boxes, and one sample batch's tensor shapes — as tables, or as JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def inspect_data(args: InspectArgs) -> Dict[str, object]:
     summary["options"] = {
         k: getattr(cfg, k)
         for k in (
-            "num_source_keyframes", "num_target_keyframes", "keyframe_min_length", "keyframes_per_segment",
+            "num_source_keyframes", "num_target_keyframes", "keyframe_min_length", "keyframe_min_count",
+            "keyframe_max_frames", "keyframes_per_segment",
             "min_keyframes_per_segment", "min_keyframes_per_scene", "segment_overlap_ratio", "batches_per_segment",
             "segment_order", "scene_order",
         )
@@ -72,6 +73,14 @@ def _print_tables(s: Dict[str, object]) -> None:
                   sc["role"], str(sc["num_frames"]), str(sc["num_cameras"]), f"{size[0]}x{size[1]}" if size else "",
                   str(sc["num_keyframes"]), str(len(sc["segments"])), sc.get("skipped", ""))
     con.print(t)
+    kf_t = Table(title="Keyframes (first..last frame: frames, metres travelled up to the next keyframe)")
+    kf_t.add_column("scene")
+    kf_t.add_column("keyframes")
+    for sc in s["scenes"]:  # type: ignore[union-attr]
+        if sc["keyframes"]:
+            kf_t.add_row(str(sc["scene_id"]), "  ".join(
+                f"{k['frames'][0]}..{k['frames'][1]}: {k['num_frames']}f {k['travel_m']:.1f}m" for k in sc["keyframes"]))
+    con.print(kf_t)
     seg_t = Table(title="Segments")
     for col in ("scene", "segment", "keyframes", "frames", "aabb min", "aabb max"):
         seg_t.add_column(col)

@@ -60,6 +60,7 @@ def _setup(args: PointCloudArgs):
     from evolsplat_ns.data.scene_index import index_scene
 
     cfg = args.datamanager
+    cfg.validate()  # the same option checks as ns-train (keyframe rules included), before any data is read
     cfg.dataparser.data = Path(args.data)
     parser = cfg.dataparser.setup()
     scenes = {s.scene_id: s for s in parser.scenes()}

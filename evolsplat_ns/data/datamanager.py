@@ -25,7 +25,14 @@ from evolsplat_ns.data.errors import ConfigError, DataValidationError
 from evolsplat_ns.data.ns_dataparser import EvolSplatDataParser, EvolSplatDataParserConfig
 from evolsplat_ns.data.records import SceneRecord
 from evolsplat_ns.data.sampling import ViewSelection, min_target_candidates, select_views
-from evolsplat_ns.data.scene_index import IndexOptions, SceneIndex, Segment, index_scene
+from evolsplat_ns.data.scene_index import (
+    IndexOptions,
+    SceneIndex,
+    Segment,
+    index_scene,
+    keyframe_rule,
+    travelled_distance,
+)
 from evolsplat_ns.data.scheduler import SegmentScheduler
 from evolsplat_ns.data.views import SceneCache, assemble_views
 
@@ -45,9 +52,13 @@ class EvolSplatDataManagerConfig(DataManagerConfig):
     targets_include_sources: bool = False
     """Allow source frames as targets (default: novel-view supervision only)."""
     keyframe_min_length: float = 2.0
-    """A keyframe is a slice of at least this many metres of the front camera's trajectory."""
+    """A keyframe is a slice of at least this many metres of the front camera's trajectory ..."""
     keyframe_min_count: int = 1
     """... and of at least this many frames."""
+    keyframe_max_frames: int = 10
+    """... or, when the car barely moves (waiting at a light), of this many frames (10 = 1 s at the 10 Hz of KITTI,
+    Waymo and PandaSet): a wait becomes a keyframe per second, not one keyframe. A moving car reaches
+    keyframe-min-length first and gets the same keyframes as without it. 0 turns it off (distance only)."""
     min_keyframes_per_scene: int = 10
     """Scenes with fewer keyframes are skipped with a warning."""
     keyframes_per_segment: int = 10
@@ -79,6 +90,7 @@ class EvolSplatDataManagerConfig(DataManagerConfig):
         return IndexOptions(
             keyframe_min_length=self.keyframe_min_length,
             keyframe_min_count=self.keyframe_min_count,
+            keyframe_max_frames=self.keyframe_max_frames,
             min_keyframes_per_scene=self.min_keyframes_per_scene,
             keyframes_per_segment=self.keyframes_per_segment,
             min_keyframes_per_segment=self.min_keyframes_per_segment,
@@ -106,6 +118,11 @@ class EvolSplatDataManagerConfig(DataManagerConfig):
             raise ConfigError("num_source_keyframes + num_target_keyframes cannot fit in one segment")
         if self.keyframe_min_length < 0 or self.keyframe_min_count < 1:
             raise ConfigError("keyframe_min_length must be >= 0 and keyframe_min_count >= 1")
+        if self.keyframe_max_frames < 0 or 0 < self.keyframe_max_frames < self.keyframe_min_count:
+            raise ConfigError(
+                f"keyframe_max_frames={self.keyframe_max_frames} must be 0 (off) or >= keyframe_min_count="
+                f"{self.keyframe_min_count}"
+            )
         if self.batches_per_segment < 1 or self.cache_scenes < 1:
             raise ConfigError("batches_per_segment and cache_scenes must be >= 1")
         if self.min_keyframes_per_scene < self.min_keyframes_per_segment:
@@ -144,7 +161,7 @@ class EvolSplatDataManager(DataManager):
         for sid in sorted(set(self.train_scene_ids) | set(self.eval_scene_ids)):
             idx = index_scene(self.scenes[sid], opts)
             if idx is None:
-                self.skipped[sid] = f"fewer than {opts.min_keyframes_per_scene} keyframes"
+                self.skipped[sid] = f"fewer than {opts.min_keyframes_per_scene} keyframes of {keyframe_rule(opts)}"
             else:
                 self.index[sid] = idx
         self.train_scene_ids = [i for i in self.train_scene_ids if i in self.index]
@@ -153,7 +170,7 @@ class EvolSplatDataManager(DataManager):
             raise DataValidationError(
                 config.dataparser.data, "train_scene_ids",
                 f"at least one training scene with >= {opts.min_keyframes_per_scene} keyframes of "
-                f"{opts.keyframe_min_length} m (skipped: {sorted(self.skipped)})",
+                f"{keyframe_rule(opts)} (skipped: {sorted(self.skipped)})",
             )
         self._input_frames = {sid: self.dataparser.input_frames(self.scenes[sid]) for sid in self.index}
         self._check_segments()
@@ -343,10 +360,21 @@ class EvolSplatDataManager(DataManager):
             if sid in self.skipped:
                 entry["skipped"] = self.skipped[sid]
                 entry["num_keyframes"] = 0
+                entry["keyframes"] = []
                 entry["segments"] = []
             else:
                 idx = self.index[sid]
                 entry["num_keyframes"] = len(idx.keyframes)
+                travelled = travelled_distance(scene.front_centers())
+                entry["keyframes"] = [
+                    {
+                        "frames": [kf.start, kf.stop - 1],
+                        "num_frames": len(kf),
+                        # as the cut measures it: to the next keyframe's first frame (the last one: to its own last)
+                        "travel_m": round(float(travelled[min(kf.stop, scene.num_frames - 1)] - travelled[kf.start]), 3),
+                    }
+                    for kf in idx.keyframes
+                ]
                 entry["segments"] = [
                     {
                         "segment_id": seg.segment_id,

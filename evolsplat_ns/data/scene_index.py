@@ -1,8 +1,12 @@
 """Scene index: keyframes (slices of the travelled trajectory) and segments (overlapping windows of them).
 
-A **keyframe** is a contiguous run of frames of one scene during which the front camera travels at least
-``keyframe_min_length`` metres (and which holds at least ``keyframe_min_count`` frames). A **segment** is a
-window of ``keyframes_per_segment`` consecutive keyframes; consecutive segments overlap by
+A **keyframe** is a contiguous run of frames of one scene. It closes as soon as the front camera has travelled
+``keyframe_min_length`` metres, or, when the car barely moves (waiting at a light, in a jam), as soon as it holds
+``keyframe_max_frames`` frames; either way it holds at least ``keyframe_min_count`` frames. A moving car reaches the
+distance first (at the defaults, 2 m within 10 frames: any speed of 2 m/s = 7.2 km/h or more at 10 Hz), so the frame
+limit only changes the keyframes of a slower car: a waiting car gets a keyframe per second of waiting (10 Hz data)
+instead of one for the whole wait, so its frames are drawn as sources and targets like the others.
+A **segment** is a window of ``keyframes_per_segment`` consecutive keyframes; consecutive segments overlap by
 ``segment_overlap_ratio`` (clamped to [0, 0.5]) and together they cover every keyframe of the scene: the
 last window is aligned to the end of the trajectory rather than dropped.
 """
@@ -68,29 +72,60 @@ class SceneIndex:
         return self.scene.scene_id
 
 
-def cut_keyframes(centers: np.ndarray, min_length: float, min_count: int = 1) -> List[Keyframe]:
-    """Slice a trajectory ``[T, 3]`` into keyframes by travelled distance.
+def travelled_distance(centers: np.ndarray) -> np.ndarray:
+    """``[T]`` metres travelled along the trajectory ``[T, 3]`` up to each frame (0 at the first frame)."""
+    if len(centers) < 2:
+        return np.zeros(len(centers))
+    return np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(centers, axis=0), axis=1))])
 
-    A keyframe closes as soon as it spans at least ``min_length`` metres of travel (measured from its first
-    frame to the first frame of the next keyframe) and holds at least ``min_count`` frames. A short tail
-    is merged into the last keyframe so that every frame belongs to exactly one keyframe.
+
+def cut_keyframes(
+    centers: np.ndarray, min_length: float, min_count: int = 1, max_frames: Optional[int] = None
+) -> List[Keyframe]:
+    """Slice a trajectory ``[T, 3]`` (one position per frame, time order) into keyframes.
+
+    A keyframe closes at the first frame at which it spans at least ``min_length`` metres of travel (measured
+    from its first frame to the first frame of the next keyframe) **or** ``max_frames`` frames, provided it
+    holds at least ``min_count`` frames. ``max_frames`` ``None`` or 0 disables the frame limit (keyframes by
+    distance only). The frame limit counts frames, not seconds: what it bounds is how many frames one keyframe
+    stands for, which is what source/target sampling sees (it draws one frame per keyframe).
+
+    The rest after the last cut (the tail) has no successor to measure against, so it is measured from its first
+    frame to its last, in metres and in frame steps. It stays a keyframe of its own if either reaches half of its
+    limit (``min_length / 2`` metres, ``max_frames / 2`` frame steps) and it holds ``min_count`` frames; otherwise
+    it is merged into the previous keyframe, so that every frame belongs to exactly one keyframe. Measured like
+    that, a car moving at least ``min_length / max_frames`` metres per frame gets exactly the keyframes it gets
+    without the frame limit.
+
+    With the frame limit on, every keyframe holds at most ``max(max_frames, min_count)`` frames, except the last
+    one when a short tail (at most ``max(ceil(max_frames / 2), min_count - 1)`` frames) was merged into it.
     """
     T = len(centers)
     if T == 0:
         return []
-    step = np.linalg.norm(np.diff(centers, axis=0), axis=1) if T > 1 else np.zeros(0)
-    travelled = np.concatenate([[0.0], np.cumsum(step)])
+    max_frames = int(max_frames or 0)
+    travelled = travelled_distance(centers)
+
+    def long_enough(start: int, end: int) -> bool:
+        """Frames ``start`` to ``end`` span a keyframe: ``min_length`` metres or ``max_frames`` frame steps."""
+        if travelled[end] - travelled[start] >= min_length:
+            return True
+        return max_frames > 0 and end - start >= max_frames
+
     bounds = [0]
     for t in range(1, T):
         start = bounds[-1]
-        if travelled[t] - travelled[start] >= min_length and t - start >= min_count:
+        if t - start >= min_count and long_enough(start, t):
             bounds.append(t)
-    # The last keyframe [bounds[-1], T) has no successor to measure its travel against; it is kept if it spans
-    # at least half a keyframe (and holds min_count frames), else merged into the previous one — never dropped.
+    # The last keyframe [bounds[-1], T) has no successor to measure against; it is kept if its first-to-last span
+    # reaches half a keyframe in metres or in frame steps (and it holds min_count frames), else it is merged into
+    # the previous one — never dropped.
     if len(bounds) > 1:
         last = bounds[-1]
-        tail_len = travelled[T - 1] - travelled[last]
-        if tail_len < 0.5 * min_length or T - last < min_count:
+        tail_metres = travelled[T - 1] - travelled[last]
+        tail_steps = T - 1 - last
+        half_long = tail_metres >= 0.5 * min_length or (max_frames > 0 and tail_steps >= 0.5 * max_frames)
+        if not half_long or T - last < min_count:
             bounds.pop()
     bounds.append(T)
     return [Keyframe(i, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
@@ -143,8 +178,12 @@ def segment_aabb(
 
 @dataclass
 class IndexOptions:
+    """How a scene is cut into keyframes and segments (see :func:`cut_keyframes` and :func:`window_starts`)."""
+
     keyframe_min_length: float = 2.0
     keyframe_min_count: int = 1
+    keyframe_max_frames: int = 10
+    """A keyframe closes after this many frames even if the car has not moved ``keyframe_min_length``; 0: off."""
     min_keyframes_per_scene: int = 10
     keyframes_per_segment: int = 10
     min_keyframes_per_segment: int = 6
@@ -153,16 +192,26 @@ class IndexOptions:
     aabb_vertical: Tuple[float, float] = (-9.0, 3.8)
 
 
+def keyframe_rule(opts: IndexOptions) -> str:
+    """The keyframe rule in words, for messages: ``"2.0 m or 10 frames"``."""
+    rule = f"{opts.keyframe_min_length:g} m"
+    if opts.keyframe_max_frames:
+        rule += f" or {opts.keyframe_max_frames} frames"
+    return rule
+
+
 def index_scene(scene: SceneRecord, opts: IndexOptions) -> Optional[SceneIndex]:
     """Keyframes and segments of one scene, or ``None`` (with a warning) if the scene is too short."""
-    keyframes = cut_keyframes(scene.front_centers(), opts.keyframe_min_length, opts.keyframe_min_count)
+    keyframes = cut_keyframes(
+        scene.front_centers(), opts.keyframe_min_length, opts.keyframe_min_count, opts.keyframe_max_frames
+    )
     if len(keyframes) < opts.min_keyframes_per_scene:
         logger.warning(
-            "Skipping scene %d (%s): %d keyframes of %.1f m, fewer than min_keyframes_per_scene=%d",
+            "Skipping scene %d (%s): %d keyframes (%s), fewer than min_keyframes_per_scene=%d",
             scene.scene_id,
             scene.root,
             len(keyframes),
-            opts.keyframe_min_length,
+            keyframe_rule(opts),
             opts.min_keyframes_per_scene,
         )
         return None

@@ -13,8 +13,11 @@ RES=${OUT:-outputs/real}
 RUNS=/tmp/real_runs
 mkdir -p "$RES"
 case "$1" in
-unpack)
-    for d in .gpu_data/*/; do python3 scripts/gpu/pack_pandaset.py unpack "$d" /tmp/pandaset/002; done
+unpack)  # each carried part once (the warm machine keeps /tmp between calls)
+    for d in .gpu_data/*/; do
+        mark=/tmp/pandaset/.unpacked_$(basename "$d")
+        [ -f "$mark" ] || { python3 scripts/gpu/pack_pandaset.py unpack "$d" /tmp/pandaset/002 && touch "$mark"; }
+    done
     python3 benchmarks/bench_real.py split --sequence /tmp/pandaset/002 --out /tmp/pd_cams
     du -sh /tmp/pandaset/002/* ;;
 train)

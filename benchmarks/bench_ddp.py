@@ -129,7 +129,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: 
                 "segment_batches_per_s": world * timed / elapsed,
                 "step_s_median_rank0": statistics.median(step_times),
                 "peak_gib_per_rank": peaks,
-                "heldout": {k: float(v) for k, v in metrics.items()},
+                "heldout": {k: float(v) for k, v in metrics.items() if k != "views"},  # means; not the per-view rows
                 "eval_s": time.perf_counter() - t_eval,
                 "skipped_steps": int(pipe.skipped_steps),
                 "segments_per_rank0": len(pipe.ff_model.segments.keys()),

@@ -1,8 +1,9 @@
 """B6 (data side) and B7 (quality, part a) of docs/BENCHMARKS.md, on a trained checkpoint.
 
-* B7a: feed-forward novel views of the held-out scenes (even frames in, odd frames scored) versus the seed
-  point cloud of the same segment rendered as fixed isotropic Gaussians with its own colours (no learning):
-  PSNR / SSIM per method, reconstruction time per segment, side-by-side images (GT | ours | seed cloud).
+* B7a: feed-forward novel views of the held-out scenes (even frames in, every odd frame's images scored once,
+  :mod:`evolsplat_ns.data.eval_plan`) versus the seed point cloud of the same segment rendered as fixed isotropic
+  Gaussians with its own colours (no learning): PSNR / SSIM per method, reconstruction time per evaluation batch,
+  side-by-side images (GT | ours | seed cloud).
 * B6: batch assembly time per training step in steady state (decoded scenes cached), and point-cloud
   generation time per segment (depth generator, cache bypassed).
 
@@ -61,7 +62,8 @@ def main():
             if saved < args.images and v % 3 == 0:
                 img = torch.cat([gt, o["rgb"].clamp(0, 1), base.clamp(0, 1)], dim=1)
                 Image.fromarray((img.cpu().numpy() * 255).round().astype(np.uint8)).save(
-                    args.out / f"b7_scene{batch.scene_id:03d}_seg{batch.segment_id:02d}_v{v:02d}.png")
+                    args.out / f"b7_scene{batch.scene_id:03d}_seg{batch.segment_id:02d}"
+                               f"_f{int(batch.target.frame_indices[v]):03d}_c{int(batch.target.cam_indices[v])}.png")
                 saved += 1
     b7 = {m: {k: statistics.mean(r[m][k] for r in rows) for k in rows[0][m]} for m in ("ours", "seed_cloud")}
     b7["views"] = len(rows)

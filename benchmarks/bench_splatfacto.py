@@ -1,11 +1,12 @@
 """B7 (b) of docs/BENCHMARKS.md: splatfacto trained per held-out scene on the same source views, 30 s and 300 s.
 
 For each held-out scene of a trained evolsplat-ff run, the views the feed-forward model reads (the source views of
-the scene's eval batches: even frames, every camera) become the training images of a nerfstudio-format scene; the
-views it is scored on (the targets of those batches: odd frames) become its test images; the union of the scene's
-segment seed clouds initialises splatfacto (as a COLMAP cloud would). splatfacto (nerfstudio's own method,
-unchanged) trains on the clock (evaluation time excluded) and is scored after each budget on exactly the views,
-with exactly the metric code, of B7a. The feed-forward model is scored in the same run for the table.
+the scene's evaluation-plan batches: even frames, every camera) become the training images of a nerfstudio-format
+scene; the views it is scored on (the targets of those batches: every odd frame's images, each once) become its test
+images; the union of the scene's segment seed clouds initialises splatfacto (as a COLMAP cloud would). splatfacto
+(nerfstudio's own method, unchanged) trains on the clock (evaluation time excluded) and is scored after each budget
+on exactly the views, with exactly the metric code, of B7a. The feed-forward model is scored in the same run for the
+table.
 
 Usage (GPU machine): ``python benchmarks/bench_splatfacto.py --load-config outputs/.../config.yml --out OUT``
 """
@@ -91,7 +92,7 @@ def export_scene(pipe, scene_id: int, out: Path):
                 name = f"images/src_{key[1]:04d}_{key[2]}.png"
                 add(src, v, name)
                 train.append(name)
-        for v in range(len(tgt)):  # every scored view, in B7a's order (a view can be scored in two segments)
+        for v in range(len(tgt)):  # every scored view, in B7a's order (the evaluation plan scores each once)
             name = f"images/tgt_{len(test):04d}.png"
             add(tgt, v, name)
             test.append(name)

@@ -28,7 +28,7 @@ fi
 CFG="$OUTDIR/demo/$METHOD/run/config.yml"
 "$PY" -m nerfstudio.scripts.eval --load-config "$CFG" --output-path "$OUTDIR/metrics.json" --render-output-path "$OUTDIR/renders"
 echo
-echo "Held-out scenes (eval views: odd frames, reconstructed from even frames):"
-"$PY" -c "import json; r = json.load(open('$OUTDIR/metrics.json'))['results']; print('  ' + ', '.join(f'{k} {v:.3f}' for k, v in r.items()))"
+echo "Held-out scenes (every odd frame's images, each reconstructed from the nearest even frames):"
+"$PY" -c "import json; r = json.load(open('$OUTDIR/metrics.json'))['results']; print('  ' + ', '.join(f'{k} {v:.4g}' for k, v in r.items() if k != 'views'))"
 echo "Renders (ground truth | prediction | error): $OUTDIR/renders/"
 echo "Config (for ns-viewer --load-config / evolsplat-ns-infer): $CFG"

@@ -114,14 +114,17 @@ def test_eval_batches_fixed_and_held_out(root):
     dm = make_dm(root)
     assert dm.eval_scene_ids == [2]
     batches = list(dm.eval_batches())
-    assert len(batches) == 3 and {b.scene_id for b in batches} == {2}
+    assert {b.scene_id for b in batches} == {2}
     for b in batches:
         assert all(t % 2 == 0 for t in b.source.frame_indices.tolist())  # Drop50: even frames are inputs
         assert all(t % 2 == 1 for t in b.target.frame_indices.tolist())  # odd frames are tested
+    # every odd frame's cameras, each scored once (tests/test_eval_plan.py checks the plan itself)
+    scored = [(t, c) for b in batches for t, c in zip(b.target.frame_indices.tolist(), b.target.cam_indices.tolist())]
+    assert sorted(scored) == [(t, c) for t in range(1, 40, 2) for c in range(3)]
     again = list(make_dm(root).eval_batches())
-    assert all(_same(x, y) for x, y in zip(batches, again))
+    assert len(again) == len(batches) and all(_same(x, y) for x, y in zip(batches, again))
     cams, b = dm.next_eval(1)
-    assert b.segment_id == 1 and cams.shape[0] == b.target.image.shape[0]
+    assert _same(b, dm.planned_batch(dm.eval_plan()[0])) and cams.shape[0] == b.target.image.shape[0]
     assert dm.input_frames(2) == {t for t in range(40) if t % 2 == 0} and dm.input_frames(0) is None
 
 

@@ -96,7 +96,18 @@ def trained(data_root, tmp_path_factory):
     cfg.save_config()  # what ns-train does before training
     trainer = Trainer(cfg, local_rank=0, world_size=1)
     trainer.setup()
+    pipe = trainer.pipeline
+    pipe.all_images_calls = []  # what the Trainer's all-images evaluation got (and logged as scalars)
+    orig = pipe.get_average_eval_image_metrics
+
+    def recorded(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        pipe.all_images_calls.append((args, kwargs, out))
+        return out
+
+    pipe.get_average_eval_image_metrics = recorded
     trainer.train()
+    pipe.get_average_eval_image_metrics = orig
     return cfg, trainer
 
 
@@ -134,6 +145,11 @@ def test_resume_continues_exactly(trained, data_root, tmp_path):
     assert torch.equal(ba.target.frame_indices, bb.target.frame_indices)
 
 
+def _held_out_images(num_frames=30, num_cameras=3):
+    """The eval scene's held-out images under the default 'odd' hold-out: every camera of every odd frame."""
+    return {(t, c) for t in range(num_frames) if t % 2 == 1 for c in range(num_cameras)}
+
+
 def test_ns_eval_json(trained, tmp_path):
     from nerfstudio.scripts.eval import ComputePSNR
 
@@ -142,17 +158,26 @@ def test_ns_eval_json(trained, tmp_path):
     ComputePSNR(load_config=cfg.get_base_dir() / "config.yml", output_path=out,
                 render_output_path=tmp_path / "renders").main()
     res = json.loads(out.read_text())["results"]
-    assert {"psnr", "ssim", "psnr_std", "ssim_std", "num_views"} <= set(res)
+    assert {"psnr", "ssim", "psnr_std", "ssim_std", "num_views", "views"} <= set(res)
     assert 5 < res["psnr"] < 40 and 0 < res["ssim"] <= 1
-    assert res["num_views"] == 2 * 3 * len(list(_eval_segments(cfg)))
+    # every held-out image of the eval scene (scene_002: 30 frames, 3 cameras), each scored once
+    rows = res["views"]
+    assert res["num_views"] == len(rows) == len(_held_out_images()) == 45
+    assert sorted((r["frame"], r["camera"]) for r in rows) == sorted(_held_out_images())
+    assert {r["scene"] for r in rows} == {"scene_002"}
+    assert res["psnr"] == pytest.approx(sum(r["psnr"] for r in rows) / len(rows))
     assert len(list((tmp_path / "renders").glob("*.png"))) == res["num_views"]
 
 
-def _eval_segments(cfg):
-    from nerfstudio.utils.eval_utils import eval_setup
-
-    _, pipe, _, _ = eval_setup(cfg.get_base_dir() / "config.yml", test_mode="test")
-    return pipe.datamanager.eval_keys()
+def test_all_images_evaluation_during_training_logs_numbers_only(trained):
+    """The Trainer calls get_average_eval_image_metrics with its step and logs every value as a scalar: there the
+    dict holds numbers only (no per-view rows, which ns-eval gets with step None), over every held-out image."""
+    _, trainer = trained
+    (args, kwargs, out), = trainer.pipeline.all_images_calls  # steps_per_eval_all_images=4 of 6 steps
+    assert kwargs.get("step", args[0] if args else None) == 4
+    assert "views" not in out and all(isinstance(v, (int, float)) for v in out.values())
+    assert out["num_views"] == len(trainer.pipeline.datamanager.held_out_views()) == len(_held_out_images())
+    assert 5 < out["psnr"] < 40
 
 
 def test_viewer_render_path(trained):
@@ -185,8 +210,14 @@ def test_zero_shot_inference_and_ply(trained, data_root, tmp_path):
                              output=tmp_path / "infer"))
     m = json.loads((tmp_path / "infer" / "metrics.json").read_text())
     assert m["mean"]["psnr"] > 5 and len(m["segments"]) == len(summary["segments"]) >= 1
-    assert all(v["frame"] % 2 == 1 for v in m["views"])  # held-out (odd) frames are the ones scored
+    # the held-out (odd) frames' images, every one scored exactly once, as ns-eval scores them
+    assert m["num_views"] == len(m["views"]) == 45
+    assert sorted((v["frame"], v["camera"]) for v in m["views"]) == sorted(_held_out_images())
+    assert sum(s["num_views"] for s in m["segments"]) == 45
+    assert sum(len(b["target_frames"]) for b in m["batches"]) == 15
+    assert all(not set(b["source_frames"]) & {v["frame"] for v in m["views"]} for b in m["batches"])
     assert len(list((tmp_path / "infer" / "renders").glob("*.png"))) == len(m["views"])
+    assert not list((tmp_path / "infer").glob(".tmp-*"))  # written atomically: no temporary file left
     ply = PlyData.read(m["segments"][0]["ply"])["vertex"]
     names = [p.name for p in ply.properties]
     assert names[:3] == ["x", "y", "z"] and "f_dc_0" in names and "f_rest_8" in names and "rot_3" in names

@@ -83,6 +83,9 @@ def test_inspect_json(tmp_path):
         assert covered == set(range(sc["num_keyframes"]))
     sb = s["sample_batch"]
     assert sb["source"]["image"] == [6, 8, 12, 3] and sb["target"]["image"] == [12, 8, 12, 3]
+    # the last scene is held out: its 15 odd frames x 2 cameras are what evaluation scores
+    assert s["evaluation"]["scene_ids"] == [1] and s["evaluation"]["held_out_frames"] == 15
+    assert s["evaluation"]["held_out_images"] == 30
 
 
 def test_inspect_bad_input_is_one_line(tmp_path):

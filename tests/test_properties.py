@@ -157,7 +157,7 @@ def dm_options(draw):
     )
 
 
-def _check_views(dm, scene, seg, views, n_kf, allowed_frames=None):
+def _check_views(dm, scene, seg, views, n_kf, allowed_frames=None, distinct=True):
     C = scene.num_cameras
     V = n_kf * C
     assert views.image.shape == (V, 8, 12, 3) and 0 <= float(views.image.min()) and float(views.image.max()) <= 1
@@ -166,7 +166,10 @@ def _check_views(dm, scene, seg, views, n_kf, allowed_frames=None):
     assert views.cam_indices.tolist() == scene.camera_ids * n_kf  # frame-major, then camera
     assert all(frames[k * C:(k + 1) * C] == [frames[k * C]] * C for k in range(n_kf))
     kfs = views.keyframe_indices.tolist()
-    assert len(kfs) == n_kf and len(set(kfs)) == n_kf and set(kfs) <= set(seg.keyframe_indices)
+    assert len(kfs) == n_kf and set(kfs) <= set(seg.keyframe_indices)
+    assert frames[::C] == sorted(set(frames))  # distinct frames, time order
+    if distinct:  # training batches: one frame per keyframe (evaluation batches take the frames nearest a target)
+        assert len(set(kfs)) == n_kf
     keyframes = dm.index[scene.scene_id].keyframes
     for k, kf in enumerate(kfs):
         assert keyframes[kf].start <= frames[k * C] < keyframes[kf].stop  # each frame lies in its keyframe
@@ -205,13 +208,20 @@ def test_batch_composition(root, opts, steps):
         tgt = _check_views(dm, scene, seg, b.target, opts["num_target_keyframes"])
         if not opts["targets_include_sources"]:
             assert not src & tgt
-    for b in dm.eval_batches():  # eval scenes: even frames in, odd frames tested
+    scored = []
+    for b in dm.eval_batches():  # eval scenes: even frames in, odd frames tested, each image once
         scene, seg = dm.scenes[b.scene_id], dm.segment(b.scene_id, b.segment_id)
         held = b.scene_id in dm.eval_scene_ids
-        _check_views(dm, scene, seg, b.source, opts["num_source_keyframes"],
-                     {t for t in range(scene.num_frames) if t % 2 == 0} if held else None)
-        _check_views(dm, scene, seg, b.target, opts["num_target_keyframes"],
-                     {t for t in range(scene.num_frames) if t % 2 == 1} if held else None)
+        src = _check_views(dm, scene, seg, b.source, opts["num_source_keyframes"],
+                           {t for t in range(scene.num_frames) if t % 2 == 0} if held else None, distinct=False)
+        tgt = _check_views(dm, scene, seg, b.target, len(b.target) // scene.num_cameras,
+                           {t for t in range(scene.num_frames) if t % 2 == 1} if held else None, distinct=False)
+        if not opts["targets_include_sources"]:
+            assert not src & tgt
+        scored += [(b.scene_id, t) for t in b.target.frame_indices.tolist()[::scene.num_cameras]]
+    evaluated = dm.eval_scene_ids or dm.train_scene_ids
+    assert sorted(scored) == [(s, t) for s in sorted(evaluated) for t in range(dm.scenes[s].num_frames)
+                              if s not in dm.eval_scene_ids or t % 2 == 1]
     # a batch is a function of (seed, step): a fresh data manager gives the same one
     a, b = make(), make()
     for step in sorted(steps):

@@ -1,9 +1,18 @@
 """``evolsplat-ns-infer``: zero-shot reconstruction of an unseen scene with a trained checkpoint.
 
-Each segment of the scene is reconstructed in one forward pass from its input frames (even frames: the
-reference's Drop50 protocol), its held-out views (odd frames) are rendered and scored, and the results are
-written to ``OUT``: ``metrics.json`` (per view, per segment, mean), side-by-side PNGs (ground truth | prediction
-| error) under ``renders/``, and each segment's Gaussians as a standard 3DGS PLY under ``gaussians/``.
+The scene is scored exactly as ``ns-eval`` scores it (:mod:`evolsplat_ns.pipeline.evaluation`): every held-out
+image (odd frames under the default 'odd' hold-out: the reference's Drop50 protocol) is scored once, reconstructed
+from the input frames of its segment nearest to it (:mod:`evolsplat_ns.data.eval_plan`). Written to ``OUT``:
+
+* ``metrics.json`` (written atomically): ``num_views``, ``mean`` (and ``std``) over the images, ``views`` (one row
+  per held-out image: scene, segment, frame, camera, psnr, ssim, lpips when available), ``batches`` (one per
+  reconstruction of the plan: its source and target frames, segment initialisation and reconstruction time,
+  Gaussians) and ``segments`` (per reconstructed segment: its images' mean metrics, and its default
+  reconstruction: time, Gaussians, PLY);
+* side-by-side PNGs (ground truth | prediction | error) under ``renders/``;
+* each segment's Gaussians as a standard 3DGS PLY under ``gaussians/``, exported once per segment from its
+  *default reconstruction*: the sources spread over the whole segment that the viewer shows for it
+  (``datamanager.eval_batch``), so the file covers the segment rather than the surroundings of one held-out frame.
 
 The PLY holds the colour the network decodes for one viewpoint — the segment's middle source camera — as
 degree-1 spherical harmonics: view dependence around that viewpoint is kept, but a 3DGS viewer cannot reproduce
@@ -41,10 +50,11 @@ def infer(args: InferArgs) -> Dict[str, object]:
     import torch
     from nerfstudio.utils.eval_utils import eval_setup
 
+    from evolsplat_ns.atomic import write_atomic
+    from evolsplat_ns.data.errors import ConfigError, DataValidationError
     from evolsplat_ns.data.layouts import find_layout_scenes
-    from evolsplat_ns.data.errors import DataValidationError
     from evolsplat_ns.export.ply import write_gaussian_ply
-    from evolsplat_ns.pipeline.pipeline import _save_side_by_side
+    from evolsplat_ns.pipeline.evaluation import evaluate
 
     if not args.load_config.exists():
         raise DataValidationError(args.load_config, None, "an existing config.yml of a trained run")
@@ -63,7 +73,7 @@ def infer(args: InferArgs) -> Dict[str, object]:
     try:
         _, pipeline, ckpt, step = eval_setup(args.load_config, test_mode="test", update_config_callback=retarget)
     except (RuntimeError, EOFError, KeyError, OSError, ValueError) as e:  # torch.load of a truncated/foreign file
-        if isinstance(e, DataValidationError):
+        if isinstance(e, (DataValidationError, ConfigError)):  # bad data or options, not a bad checkpoint
             raise
         raise DataValidationError(args.load_config.parent / "nerfstudio_models", "checkpoint",
                                   "a complete evolsplat-ff checkpoint (step-*.ckpt) matching this config",
@@ -72,28 +82,32 @@ def infer(args: InferArgs) -> Dict[str, object]:
     model.segments.clear()  # the checkpoint's segments belong to its own training scenes
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    rows: List[Dict[str, object]] = []
+    result = evaluate(pipeline, render_dir=out / "renders", description="Scoring held-out views")
+    dm = pipeline.datamanager
+    metric_names = result.metric_names()
     seg_rows: List[Dict[str, object]] = []
-    for batch in pipeline.datamanager.eval_batches():
+    seen = []
+    for b in result.batches:  # segments in plan order
+        if (b.scene_id, b.segment) not in seen:
+            seen.append((b.scene_id, b.segment))
+    for sid, seg in seen:
+        scene = dm.scenes[sid]
+        views = [r for r in result.views if (r["scene_id"], r["segment"]) == (sid, seg)]
+        batches = [b for b in result.batches if (b.scene_id, b.segment) == (sid, seg)]
+        entry: Dict[str, object] = {
+            "scene": scene.name, "scene_id": sid, "segment": seg, "num_views": len(views), "num_batches": len(batches),
+            **{k: sum(float(r[k]) for r in views) / len(views) for k in metric_names},
+            "batch_reconstruction_ms_mean": sum(b.reconstruction_ms for b in batches) / len(batches),
+        }
+        # the segment's default reconstruction (sources spread over the segment, as the viewer shows it)
+        batch = dm.eval_batch(sid, seg)
+        pipeline.activate(sid, seg)
+        _sync()
         t0 = time.perf_counter()
         shared = pipeline.reconstruct(batch)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        recon_ms = 1000 * (time.perf_counter() - t0)
-        outs = pipeline.render_targets(batch, shared)
-        scene = pipeline.datamanager.scenes[batch.scene_id]
-        seg_metrics = []
-        for v, o in enumerate(outs):
-            gt = batch.target.image[v]
-            m = model.image_metrics(o["rgb"], gt)
-            row = {"scene": scene.name, "segment": batch.segment_id, "frame": int(batch.target.frame_indices[v]),
-                   "camera": int(batch.target.cam_indices[v]), **m}
-            rows.append(row)
-            seg_metrics.append(m)
-            _save_side_by_side(out / "renders", batch, v, gt, o["rgb"])
-        entry = {"scene": scene.name, "segment": batch.segment_id, "reconstruction_ms": recon_ms,
-                 "num_gaussians": int(shared.tensors["means"].shape[0]),
-                 **{k: sum(m[k] for m in seg_metrics) / len(seg_metrics) for k in seg_metrics[0]}}
+        _sync()
+        entry["reconstruction_ms"] = 1000 * (time.perf_counter() - t0)
+        entry["num_gaussians"] = int(shared.tensors["means"].shape[0])
         if args.export_ply:
             g = model.export_gaussians(shared)
             # back to the data's own world frame so the cloud overlays on the user's data
@@ -101,21 +115,32 @@ def infer(args: InferArgs) -> Dict[str, object]:
             means = g["means"] @ align_inv[:3, :3].T + align_inv[:3, 3]
             R = align_inv[:3, :3]
             quats = _rotate_quats(g["quats"], R)
-            p = write_gaussian_ply(out / "gaussians" / f"{scene.name}_seg{batch.segment_id:02d}.ply", means, g["sh"],
+            p = write_gaussian_ply(out / "gaussians" / f"{scene.name}_seg{seg:02d}.ply", means, g["sh"],
                                    g["opacity_logit"], g["log_scales"], quats)
             entry["ply"] = str(p)
         seg_rows.append(entry)
-    keys = [k for k in ("psnr", "ssim", "lpips") if rows and k in rows[0]]
+    stats = result.summary(get_std=True)
     summary = {
         "checkpoint": str(ckpt),
         "step": step,
         "data": str(args.data),
-        "mean": {k: sum(float(r[k]) for r in rows) / len(rows) for k in keys},
+        "num_views": result.num_views,
+        "mean": {k: stats[k] for k in metric_names},
+        "std": {k: stats[f"{k}_std"] for k in metric_names},
         "segments": seg_rows,
-        "views": rows,
+        "batches": result.batch_dicts(),
+        "views": result.views,
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    text = json.dumps(summary, indent=2)
+    write_atomic(out / "metrics.json", lambda f: f.write(text.encode("utf-8")))
     return summary
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _rotate_quats(q, R):
@@ -136,10 +161,12 @@ def main(args: InferArgs) -> Dict[str, object]:
     summary = run_cli(lambda: infer(args), args.verbose)
     con = Console()
     for s in summary["segments"]:  # type: ignore[index]
-        con.print(f"{s['scene']} segment {s['segment']}: psnr {s.get('psnr', float('nan')):.2f} dB, "
-                  f"ssim {s.get('ssim', float('nan')):.3f}, {s['num_gaussians']} Gaussians, "
-                  f"reconstruction {s['reconstruction_ms']:.0f} ms")
-    con.print(f"mean {summary['mean']}; renders, PLYs and metrics.json in {args.output}")
+        con.print(f"{s['scene']} segment {s['segment']}: {s['num_views']} views, "
+                  f"psnr {s.get('psnr', float('nan')):.2f} "
+                  f"dB, ssim {s.get('ssim', float('nan')):.3f}; default reconstruction {s['num_gaussians']} Gaussians "
+                  f"in {s['reconstruction_ms']:.0f} ms")
+    con.print(f"{summary['num_views']} held-out views, mean {summary['mean']}; renders, PLYs and metrics.json in "
+              f"{args.output}")
     return summary
 
 

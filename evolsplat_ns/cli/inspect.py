@@ -92,6 +92,10 @@ def _print_tables(s: Dict[str, object]) -> None:
                           f"{seg['frames'][0]}..{seg['frames'][1]}", " ".join(f"{x:.1f}" for x in lo),
                           " ".join(f"{x:.1f}" for x in hi))
     con.print(seg_t)
+    ev: Dict[str, object] = s["evaluation"]  # type: ignore[assignment]
+    con.print(f"Evaluation (ns-eval, evolsplat-ns-infer): {ev['held_out_images']} held-out images "
+              f"({ev['held_out_frames']} frames) of scenes {ev['scene_ids']}, each scored once, in "
+              f"{ev['batches']} reconstructions")
     b = s["sample_batch"]
     bt = Table(title=f"Sample batch: scene {b['scene_id']} segment {b['segment_id']}")  # type: ignore[index]
     bt.add_column("field")

@@ -3,6 +3,10 @@
 Data flow: dataparser (scene records) -> scene index (keyframes, segments) -> scheduler (which segment this
 step) -> view selection (which frames are sources and targets) -> scene cache + assembly (tensors).
 ``next_train(step)`` returns the target views as nerfstudio ``Cameras`` and a :class:`SegmentBatch`.
+
+Evaluation follows the evaluation plan (:mod:`evolsplat_ns.data.eval_plan`): ``eval_batches()`` scores every
+held-out image of every evaluation scene exactly once. The viewer's per-segment display reconstruction
+(``eval_keys()`` / ``eval_batch(scene, segment)``) keeps the fixed selection of :mod:`evolsplat_ns.data.sampling`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch.nn import Parameter
 from evolsplat_ns.cameras import to_nerfstudio_cameras
 from evolsplat_ns.data.batch import SegmentBatch
 from evolsplat_ns.data.errors import ConfigError, DataValidationError
+from evolsplat_ns.data.eval_plan import PlannedBatch, plan_scene
 from evolsplat_ns.data.ns_dataparser import EvolSplatDataParser, EvolSplatDataParserConfig
 from evolsplat_ns.data.records import SceneRecord
 from evolsplat_ns.data.sampling import ViewSelection, min_target_candidates, select_views
@@ -174,6 +179,8 @@ class EvolSplatDataManager(DataManager):
             )
         self._input_frames = {sid: self.dataparser.input_frames(self.scenes[sid]) for sid in self.index}
         self._check_segments()
+        self._eval_plan = self._make_eval_plan()  # cheap (no pixels); bad options are reported at set-up
+        self._eval_cursor = 0
         self.scheduler = self._make_scheduler(local_rank, world_size)
         self.cache = SceneCache(config.cache_scenes)
         self.train_dataparser_outputs = self.dataparser.get_dataparser_outputs(split="train")
@@ -279,23 +286,58 @@ class EvolSplatDataManager(DataManager):
         return self.target_cameras(batch), batch
 
     def eval_keys(self) -> List[Tuple[int, int]]:
-        """The fixed evaluation list: every segment of every eval scene (train scenes if there are none)."""
-        ids = self.eval_scene_ids or self.train_scene_ids
-        return [(sid, seg.segment_id) for sid in ids for seg in self.index[sid].segments]
+        """Every segment of every eval scene (train scenes if there are none): the viewer's segment list."""
+        return [(sid, seg.segment_id) for sid in self.eval_list() for seg in self.index[sid].segments]
+
+    def eval_list(self) -> List[int]:
+        """Scenes evaluated: the eval scenes, or the training scenes when there are none."""
+        return list(self.eval_scene_ids or self.train_scene_ids)
 
     def eval_batch(self, scene_id: int, segment_id: int) -> SegmentBatch:
-        """The fixed (deterministic) evaluation batch of one segment."""
+        """The fixed (deterministic) display batch of one segment: sources spread over the segment (the viewer's
+        reconstruction; evaluation scores through :meth:`eval_plan` instead)."""
         return self.make_batch(scene_id, segment_id, self.select(scene_id, segment_id, None), True)
 
+    def _make_eval_plan(self) -> List[PlannedBatch]:
+        c = self.config
+        plan: List[PlannedBatch] = []
+        for sid in self.eval_list():
+            idx = self.index[sid]
+            plan += plan_scene(idx.keyframes, idx.segments, self.scenes[sid].num_frames, c.num_source_keyframes,
+                               self._input_frames[sid], c.targets_include_sources)
+        if not plan:
+            raise ConfigError(f"no held-out frames to evaluate in scenes {self.eval_list()}")
+        return plan
+
+    def eval_plan(self) -> List[PlannedBatch]:
+        """The evaluation plan (:mod:`evolsplat_ns.data.eval_plan`): batches that score every held-out image of
+        every evaluated scene exactly once, deterministic."""
+        return list(self._eval_plan)
+
+    def held_out_views(self) -> List[Tuple[int, int, int]]:
+        """Every (scene id, frame, camera id) the plan scores, in plan order."""
+        return [(p.scene_id, t, c) for p in self._eval_plan for t in p.selection.target_frames
+                for c in self.scenes[p.scene_id].camera_ids]
+
+    def planned_batch(self, item: PlannedBatch, is_new_segment: bool = True) -> SegmentBatch:
+        """The :class:`SegmentBatch` of one entry of the plan."""
+        return self.make_batch(item.scene_id, item.segment_id, item.selection, is_new_segment)
+
     def eval_batches(self) -> Iterator[SegmentBatch]:
-        """Deterministic evaluation batches (fixed selection), one per eval segment."""
-        for sid, seg in self.eval_keys():
-            yield self.eval_batch(sid, seg)
+        """The evaluation plan's batches, in order (``is_new_segment`` on the first batch of each segment)."""
+        prev = None
+        for item in self._eval_plan:
+            key = (item.scene_id, item.segment_id)
+            yield self.planned_batch(item, key != prev)
+            prev = key
 
     def next_eval(self, step: int) -> Tuple[Cameras, SegmentBatch]:  # type: ignore[override]
+        """nerfstudio's periodic evaluation during training: the plan's batches in turn, one per call (a call
+        counter, not ``step``: evaluation steps are multiples of a period, which would revisit the same few)."""
         self.eval_count += 1
-        keys = self.eval_keys()
-        batch = self.eval_batch(*keys[int(step) % len(keys)])
+        item = self._eval_plan[self._eval_cursor % len(self._eval_plan)]
+        self._eval_cursor += 1
+        batch = self.planned_batch(item)
         return self.target_cameras(batch), batch
 
     def next_eval_image(self, step: int) -> Tuple[Cameras, SegmentBatch]:  # type: ignore[override]
@@ -385,5 +427,8 @@ class EvolSplatDataManager(DataManager):
                     for seg in idx.segments
                 ]
             scenes.append(entry)
+        evaluation = {"scene_ids": self.eval_list(), "batches": len(self._eval_plan),
+                      "held_out_frames": sum(len(p.selection.target_frames) for p in self._eval_plan),
+                      "held_out_images": len(self.held_out_views())}
         return {"data": str(self.config.dataparser.data), "train_scene_ids": self.train_scene_ids,
-                "eval_scene_ids": self.eval_scene_ids, "scenes": scenes}
+                "eval_scene_ids": self.eval_scene_ids, "scenes": scenes, "evaluation": evaluation}

@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Optional, Type
 
 import torch
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from evolsplat_ns.cli.common import one_line_errors_in_nerfstudio_commands
 from evolsplat_ns.data.batch import SegmentBatch
@@ -322,14 +321,21 @@ class EvolSplatPipeline(VanillaPipeline):
         return shared
 
     @torch.no_grad()
-    def render_targets(self, batch: SegmentBatch, shared=None) -> List[Dict[str, torch.Tensor]]:
-        model = self.ff_model
-        shared = shared if shared is not None else self.reconstruct(batch)
+    def render_target(self, batch: SegmentBatch, shared, v: int) -> Dict[str, torch.Tensor]:
+        """Target view ``v`` of ``batch`` from its reconstruction ``shared``, as evaluation scores it: with depth,
+        so through the reference composite ``fg + (1 - alpha_fg) bg`` (two rasterizations)."""
         tgt = batch.target
-        return [model.render_view(shared.tensors, shared, tgt.extrinsics[v], tgt.intrinsics[v], tgt.height,
-                                  tgt.width, render_depth=True) for v in range(len(tgt))]
+        return self.ff_model.render_view(shared.tensors, shared, tgt.extrinsics[v], tgt.intrinsics[v], tgt.height,
+                                         tgt.width, render_depth=True)
+
+    @torch.no_grad()
+    def render_targets(self, batch: SegmentBatch, shared=None) -> List[Dict[str, torch.Tensor]]:
+        """Every target view of ``batch`` (:meth:`render_target`), reconstructing it first unless ``shared``."""
+        shared = shared if shared is not None else self.reconstruct(batch)
+        return [self.render_target(batch, shared, v) for v in range(len(batch.target))]
 
     def get_eval_loss_dict(self, step: int):
+        """nerfstudio's periodic evaluation batch: the evaluation plan's batches in turn (every target view)."""
         cameras, batch = self.datamanager.next_eval(step)
         outs = self.render_targets(batch)
         model = self.ff_model
@@ -340,10 +346,10 @@ class EvolSplatPipeline(VanillaPipeline):
         return {}, loss_dict, metrics_dict
 
     def get_eval_image_metrics_and_images(self, step: int):
+        """nerfstudio's periodic evaluation image: the first target view of the evaluation plan's next batch."""
         cameras, batch = self.datamanager.next_eval(step)
-        outs = self.render_targets(batch)
         model = self.ff_model
-        o, gt = outs[0], batch.target.image[0]
+        o, gt = self.render_target(batch, self.reconstruct(batch), 0), batch.target.image[0]
         metrics = model.image_metrics(o["rgb"], gt)
         metrics["num_rays"] = int(gt.shape[0] * gt.shape[1])  # the Trainer logs rendered pixels per second
         images = {"img": torch.cat([gt, o["rgb"], (o["rgb"] - gt).abs()], dim=1), "accumulation": o["accumulation"]}
@@ -351,29 +357,19 @@ class EvolSplatPipeline(VanillaPipeline):
 
     @torch.no_grad()
     def get_average_eval_image_metrics(self, step: Optional[int] = None, output_path: Optional[Path] = None,
-                                       get_std: bool = False):
-        """Metrics over every target view of the fixed evaluation list (every segment of the eval scenes)."""
-        model = self.ff_model
-        keys = self.datamanager.eval_keys()
-        rows: List[Dict[str, float]] = []
-        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), transient=True) as progress:
-            task = progress.add_task("[green]Evaluating segments", total=len(keys))
-            for batch in self.datamanager.eval_batches():
-                outs = self.render_targets(batch)
-                for v, o in enumerate(outs):
-                    gt = batch.target.image[v]
-                    rows.append(model.image_metrics(o["rgb"], gt))
-                    if output_path is not None:
-                        _save_side_by_side(output_path, batch, v, gt, o["rgb"])
-                progress.advance(task)
-        out: Dict[str, float] = {}
-        for k in rows[0]:
-            vals = torch.tensor([r[k] for r in rows], dtype=torch.float64)
-            out[k] = float(vals.mean())
-            if get_std:
-                out[f"{k}_std"] = float(vals.std()) if len(rows) > 1 else 0.0
-        out["num_views"] = float(len(rows))
+                                       get_std: bool = False) -> Dict[str, Any]:
+        """Mean metrics over every held-out image of the evaluation scenes, each scored once
+        (:mod:`evolsplat_ns.pipeline.evaluation`), and ``num_views``.
+
+        Called by ns-eval (``step=None``), whose JSON then also gets ``views``: one row per image (scene, segment,
+        frame, camera, metrics). The Trainer calls it with its step and logs every value as a scalar, so the rows
+        are left out there. ``output_path``: a side-by-side PNG per image (ground truth | prediction | error)."""
+        from evolsplat_ns.pipeline.evaluation import evaluate
+
+        result = evaluate(self, render_dir=output_path)
+        out: Dict[str, Any] = result.summary(get_std=get_std)
+        if step is None:
+            out["views"] = result.views
         return out
 
 
@@ -414,18 +410,3 @@ def _checkpoint_of_eval_setup() -> Optional[Path]:
             return resolve_checkpoint(cfg.load_dir, getattr(cfg, "load_step", None), None)
         frame = frame.f_back
     return None
-
-
-def _save_side_by_side(output_path: Path, batch: SegmentBatch, v: int, gt: torch.Tensor, pred: torch.Tensor) -> None:
-    """ground truth | prediction | error, as PNG."""
-    import numpy as np
-    from PIL import Image
-
-    output_path = Path(output_path)
-    output_path.mkdir(parents=True, exist_ok=True)
-    err = (pred - gt).abs().mean(-1, keepdim=True).expand_as(gt)
-    img = torch.cat([gt, pred.clamp(0, 1), err.clamp(0, 1)], dim=1)
-    arr = (img.cpu().numpy() * 255).round().astype(np.uint8)
-    f = int(batch.target.frame_indices[v])
-    c = int(batch.target.cam_indices[v])
-    Image.fromarray(arr).save(output_path / f"scene{batch.scene_id:03d}_seg{batch.segment_id:02d}_f{f:03d}_c{c}.png")

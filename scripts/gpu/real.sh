@@ -23,12 +23,13 @@ unpack)  # each carried part once (the warm machine keeps /tmp between calls)
 train)
     name=$2; secs=$3; shift 3
     # scenes (sorted): 0 back, 1 front, 2 front_left, 3 front_right, 4 left, 5 right: train on all but the front
+    # (EVAL_ID: the front's index when fewer cameras were carried)
     timeout "$secs" python3 -m nerfstudio.scripts.train evolsplat-ff --data /tmp/pd_cams \
-        --pipeline.datamanager.dataparser.layout pandaset --pipeline.datamanager.dataparser.eval-scene-ids 1 \
+        --pipeline.datamanager.dataparser.layout pandaset --pipeline.datamanager.dataparser.eval-scene-ids ${EVAL_ID:-1} \
         --pipeline.model.pointcloud.generator lidar --pipeline.model.pointcloud-cache-dir /tmp/pd_cache \
         --pipeline.datamanager.dataparser.lidar-cache-dir /tmp/pd_cache/lidar \
         --output-dir $RUNS --experiment-name "$name" --timestamp run --vis tensorboard \
-        --max-num-iterations 100000 --steps-per-save 100 --save-only-latest-checkpoint False \
+        --max-num-iterations 100000 --steps-per-save ${SAVE_EVERY:-100} --save-only-latest-checkpoint False \
         --steps-per-eval-batch 100000 --steps-per-eval-image 100000 --steps-per-eval-all-images 1000000 \
         --viewer.quit-on-train-completion True "$@" > "$RES/train_$name.log" 2>&1
     echo "train $name: exit $? (124 = stopped at $secs s); checkpoints:"; ls $RUNS/$name/evolsplat-ff/run/nerfstudio_models | tail -3

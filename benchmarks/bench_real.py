@@ -75,7 +75,7 @@ def evaluate(configs, out: Path, images: int, step=None) -> dict:
         _, pipe, ckpt, loaded = eval_setup(Path(cfg_path), test_mode="test", update_config_callback=_at_step(step))
         model, dm = pipe.ff_model, pipe.datamanager
         model.segments.clear()  # time first-seen segments: every cloud is built (or read from the cache) here
-        name = Path(cfg_path).parent.parent.name + "/" + Path(cfg_path).parent.name
+        name = "/".join(Path(cfg_path).parts[-4:-1])  # experiment/method/timestamp: unique per run
         ours, seed, recon, seen, saved = [], [], [], set(), 0
         for batch in dm.eval_batches():
             sync()

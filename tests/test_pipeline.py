@@ -222,6 +222,29 @@ def test_zero_shot_inference_and_ply(trained, data_root, tmp_path):
     names = [p.name for p in ply.properties]
     assert names[:3] == ["x", "y", "z"] and "f_dc_0" in names and "f_rest_8" in names and "rot_3" in names
     assert len(ply) == m["segments"][0]["num_gaussians"]
+    assert all(s["segment_init_ms"] > 0 and s["reconstruction_ms"] > 0 for s in m["segments"])
+
+
+def test_first_training_step_prebuilds_the_clouds_it_will_visit(data_root, tmp_path, capsys):
+    """Before its first step, training builds the clouds and KNN scales of the segments its planned steps visit, with
+    a progress bar; cached ones are not built again; switched off, only the first segment is built."""
+    cfg = small_config(data_root)
+    cfg.pipeline.model.pointcloud_cache_dir = tmp_path / "clouds"
+    pipe = cfg.pipeline.setup(device="cpu", test_mode="val")
+    sched = pipe.datamanager.scheduler
+    bps = pipe.datamanager.config.batches_per_segment
+    keys = {(s, g.segment_id) for s in pipe.datamanager.train_scene_ids for g in pipe.datamanager.index[s].segments}
+    assert sched.upcoming(1) == sched.upcoming(bps) == sched.upcoming()[:1] and set(sched.upcoming()) == keys
+    pipe.planned_steps = bps + 1  # what the trainer sets (max_num_iterations): two segments
+    pipe.get_train_loss_dict(0)
+    assert "Segment clouds" in capsys.readouterr().out
+    assert len(list((tmp_path / "clouds").rglob("*.ply"))) == len(list((tmp_path / "clouds").rglob("*.knn.npy"))) == 2
+    assert pipe.prebuild_pointclouds(sched.upcoming(bps + 1), "again") == 0  # cached (the schedule moved 1 step)
+    cfg.pipeline.model.pointcloud_cache_dir = tmp_path / "lazy"
+    cfg.pipeline.prebuild_pointclouds = False
+    pipe = cfg.pipeline.setup(device="cpu", test_mode="val")
+    pipe.get_train_loss_dict(0)
+    assert len(list((tmp_path / "lazy").rglob("*.ply"))) == 1
 
 
 def test_non_finite_loss_leaves_weights_unchanged(data_root, tmp_path, monkeypatch):

@@ -128,3 +128,16 @@ def test_rank_resume_is_exact_and_checked():
         SegmentScheduler(SEGS, 1, rank=2, world_size=2)
     with pytest.raises(ConfigError):
         SegmentScheduler(SEGS, 1, rank=0, world_size=4, partition="scene")  # 3 scenes for 4 processes
+
+
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
+def test_upcoming_lists_the_segments_of_the_next_steps_without_advancing(rank, world):
+    s = SegmentScheduler(SEGS, batches_per_segment=3, seed=7, rank=rank, world_size=world)
+    _keys(s, 5)  # mid-segment, mid-pass
+    state = s.state_dict()
+    for n in (1, 2, 4, 11, 40):
+        want = list(dict.fromkeys(_keys(s, n)))
+        s.load_state_dict(state)
+        assert s.upcoming(n) == want and s.state_dict() == state
+    owned = {k for k, r in s.owners.items() if r == rank}
+    assert set(s.upcoming()) <= owned and set(s.upcoming(10_000)) == owned  # a long run sees every owned segment

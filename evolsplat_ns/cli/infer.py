@@ -98,6 +98,8 @@ def infer(args: InferArgs) -> Dict[str, object]:
             "scene": scene.name, "scene_id": sid, "segment": seg, "num_views": len(views), "num_batches": len(batches),
             **{k: sum(float(r[k]) for r in views) / len(views) for k in metric_names},
             "batch_reconstruction_ms_mean": sum(b.reconstruction_ms for b in batches) / len(batches),
+            # first-seen work (seed cloud, KNN scales, initial Gaussians; milliseconds when the cloud cache has it)
+            "segment_init_ms": sum(b.init_ms for b in batches),
         }
         # the segment's default reconstruction (sources spread over the segment, as the viewer shows it)
         batch = dm.eval_batch(sid, seg)

@@ -8,7 +8,9 @@ One segment: the cloud is taken from the cache (``<data>/.evolsplat_cache`` or `
 cached, then written to ``--out`` in the data's own world frame (the frame of ``transforms.json``, or of the layout's
 poses: PandaSet's world, KITTI's first IMU pose, DriveStudio's world), with colours. ``--generator lidar`` needs a
 layout with LiDAR (drivestudio, pandaset, kitti-raw); ``depth`` uses depth files or LiDAR-derived sparse depth.
-``--all`` builds and caches the clouds of every segment (of every scene, or of ``--scene``) with a progress bar.
+``--all`` builds and caches the clouds of every segment (of every scene, or of ``--scene``) and their KNN scales,
+with a progress bar. On a machine with CUDA the clouds are built there (``--backend`` / ``--device``; the cache
+entries are the same whichever backend builds them).
 
 Segments and input frames are those of training: the scene index options and the evaluation hold-out come from
 ``--datamanager.*`` (as for ``ns-train``), e.g. ``--datamanager.keyframes-per-segment 8``.
@@ -100,7 +102,8 @@ def run(args: PointCloudArgs) -> List[dict]:
                                           f"a segment id in [0, {len(idx.segments) - 1}]", args.segment)
             items.append((scenes[sid], idx.segments[args.segment], allowed))
     t0 = time.perf_counter()
-    results = build_all(items, generator, cache, quiet=args.quiet or not args.all)
+    # --all prepares segments for training / inference: their KNN scales too (cached beside each cloud)
+    results = build_all(items, generator, cache, quiet=args.quiet or not args.all, with_knn=args.all and args.cache)
     summary = [
         {"scene_id": r.scene_id, "scene": r.scene_name, "segment_id": r.segment_id, "points": r.num_points,
          "seconds": round(r.seconds, 3), "from_cache": r.from_cache, "cache_path": str(r.path) if r.path else None}

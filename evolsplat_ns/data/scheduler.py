@@ -138,6 +138,25 @@ class SegmentScheduler:
         self._plan_cache = (pass_index, mine)
         return mine
 
+    def upcoming(self, steps: Optional[int] = None) -> List[SegmentKey]:
+        """The distinct segments of the next ``steps`` steps (None: a whole pass from here), in the order they are
+        first visited, without advancing the schedule."""
+        owned = sum(1 for k in self.owners.values() if k == self.rank)
+        steps = owned * self.batches_per_segment if steps is None else int(steps)
+        seen: Dict[SegmentKey, None] = {}
+        p, c, n = self._pass, self._cursor, self._count
+        while steps > 0 and len(seen) < owned:
+            plan = self.plan(p)
+            seen.setdefault(plan[c])
+            take = min(steps, self.batches_per_segment - n)
+            steps -= take
+            n += take
+            if n >= self.batches_per_segment:
+                n, c = 0, c + 1
+                if c >= len(plan):
+                    c, p = 0, p + 1
+        return list(seen)
+
     def next(self) -> ScheduledSegment:
         """The segment of the next step, advancing the schedule."""
         plan = self.plan(self._pass)

@@ -180,12 +180,15 @@ class EvolSplatModel(Model):
 
     # ----------------------------------------------------------------------------------------------- segments
     def init_segment(self, scene, segment, input_frames, data_root) -> Dict[str, Tensor]:
-        """State of a segment seen for the first time: its cloud (cached on disk) -> initial Gaussians."""
+        """State of a segment seen for the first time: its cloud (cached on disk) -> initial Gaussians.
+
+        The cloud and its KNN scales are built on the model's device (``pointcloud.backend`` auto: the torch backend
+        on CUDA; see :class:`PointCloudOptions`)."""
         from evolsplat_ns.pointcloud.cache import segment_pointcloud
         from evolsplat_ns.pointcloud.init import init_gaussians
 
         pc = segment_pointcloud(scene, segment, self.config.pointcloud, input_frames,
-                                cache_dir=self.config.pointcloud_cache_dir, data_root=data_root)
+                                cache_dir=self.config.pointcloud_cache_dir, data_root=data_root, device=self.device)
         g = init_gaussians(pc.points, pc.colours, sh_degree=self.config.sh_degree, knn_distance=pc.knn_distance(),
                            seed=self.config.pointcloud.seed + 1000 * segment.scene_id + segment.segment_id,
                            device=self.device)

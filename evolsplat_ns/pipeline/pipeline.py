@@ -39,6 +39,11 @@ class EvolSplatPipelineConfig(VanillaPipelineConfig):
     """A non-finite loss or gradient skips the step (weights and optimizer state unchanged) with a warning."""
     viewer_refresh_every: int = 100
     """During training, a segment chosen in the viewer is reconstructed again every this many steps."""
+    prebuild_pointclouds: bool = True
+    """Before the first training step, build the seed clouds and KNN scales of the segments the schedule will visit in
+    this run (and before evaluating every segment, those of the evaluation segments) that the cloud cache lacks, with
+    a progress bar. Training would build each one when it first reaches it; this does the same work up front, with
+    an estimate of how long it takes, and reports bad data before the first step."""
 
 
 class EvolSplatPipeline(VanillaPipeline):
@@ -65,6 +70,10 @@ class EvolSplatPipeline(VanillaPipeline):
         self._viewer_choice: Optional[tuple] = None
         self._viewer_pending = False
         self._trained_steps = 0
+        self._prebuilt = False
+        self.planned_steps: Optional[int] = None
+        """Steps this run trains (the trainer's ``max_num_iterations``, set in ``get_training_callbacks``); the
+        clouds built before the first step are those of the segments these steps visit (None: a whole pass)."""
         self._segment_labels = self._make_segment_labels()
         from nerfstudio.viewer.viewer_elements import ViewerDropdown
 
@@ -135,6 +144,33 @@ class EvolSplatPipeline(VanillaPipeline):
 
         return model.segments.activate(scene_id, segment_id, init)
 
+    def prebuild_pointclouds(self, keys: List[tuple], description: str, quiet: bool = False) -> int:
+        """Build the clouds and KNN scales of the ``(scene_id, segment_id)`` in ``keys`` that the cloud cache lacks,
+        with a progress bar (on the model's device: see ``PointCloudOptions.backend``); returns how many were built."""
+        from evolsplat_ns.pointcloud.cache import PointCloudCache, build_all
+        from evolsplat_ns.pointcloud.generators import make_generator
+
+        dm, model = self.datamanager, self.ff_model
+        generator = make_generator(model.config.pointcloud, device=model.device)
+        cache = PointCloudCache(model.config.pointcloud_cache_dir, data_root=dm.get_datapath())
+        todo = []
+        for sid, seg_id in dict.fromkeys(keys):  # unique, in order
+            item = (dm.scenes[sid], dm.segment(sid, seg_id), dm.input_frames(sid))
+            if not cache.is_built(generator, *item):
+                todo.append(item)
+        if todo:
+            build_all(todo, generator, cache, quiet=quiet, with_knn=True, description=description)
+        return len(todo)
+
+    def _prebuild_for_training(self) -> None:
+        """The segments this run's schedule visits (this rank's; a whole pass when the run length is unknown)."""
+        if self._prebuilt or not self.config.prebuild_pointclouds:
+            return
+        self._prebuilt = True
+        keys = self.datamanager.scheduler.upcoming(self.planned_steps)
+        self.prebuild_pointclouds(keys, f"Segment clouds{f' (rank {self.rank})' if self.world_size > 1 else ''}",
+                                  quiet=self.rank != 0)
+
     # ----------------------------------------------------------------------------------------------- multi-GPU
     def _setup_distributed(self, device, world_size: int, local_rank: int) -> None:
         """Multi-GPU (nerfstudio's launch, one process per GPU): this rank's share of the training segments, the
@@ -157,6 +193,8 @@ class EvolSplatPipeline(VanillaPipeline):
     def get_training_callbacks(self, training_callback_attributes):
         callbacks = super().get_training_callbacks(training_callback_attributes)
         trainer = training_callback_attributes.trainer
+        if trainer is not None:  # nerfstudio runs max_num_iterations steps from wherever it starts (or resumes)
+            self.planned_steps = int(trainer.config.max_num_iterations)
         if self.world_size > 1 and trainer is not None:
             from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
             from nerfstudio.utils.misc import step_check
@@ -243,6 +281,7 @@ class EvolSplatPipeline(VanillaPipeline):
 
     # ----------------------------------------------------------------------------------------------- train
     def get_train_loss_dict(self, step: int):
+        self._prebuild_for_training()
         cameras, batch = self.datamanager.next_train(step)
         metrics = self.train_on_batch(batch, step)
         loss = torch.tensor(metrics.pop("loss_value"), device=batch.target.image.device).requires_grad_(True)
@@ -366,6 +405,9 @@ class EvolSplatPipeline(VanillaPipeline):
         are left out there. ``output_path``: a side-by-side PNG per image (ground truth | prediction | error)."""
         from evolsplat_ns.pipeline.evaluation import evaluate
 
+        if self.config.prebuild_pointclouds:  # first-seen clouds built up front, with a progress bar
+            keys = self.datamanager.eval_keys()
+            self.prebuild_pointclouds([k for k in keys if k not in self.ff_model.segments], "Segment clouds (evaluation)")
         result = evaluate(self, render_dir=output_path)
         out: Dict[str, Any] = result.summary(get_std=get_std)
         if step is None:

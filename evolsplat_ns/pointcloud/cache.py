@@ -8,6 +8,10 @@ changing any of them makes a new entry, and switching back reuses the old one.
 
 Files are written atomically (temporary file in the same folder, then ``os.replace``), so an interrupted run
 leaves either no entry or a complete one; an unreadable entry is rebuilt with a warning.
+
+The backend that builds a cloud (``PointCloudOptions.backend`` / ``device``: torch on a GPU, scikit-learn or open3d
+on the CPU) is not part of the hash: all backends build the same cloud and the same KNN scales (to float round-off
+in the scales' last bits; tested), so an entry written by one is valid for the others.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 
 from evolsplat_ns.atomic import write_atomic
 from evolsplat_ns.data.records import SceneRecord
@@ -56,6 +61,9 @@ class SegmentPointCloud:
     """Cache entry (None when the cache is disabled)."""
     from_cache: bool
     seconds: float
+    knn_backend: str = "auto"
+    """Backend of :meth:`knn_distance` (``torch`` on ``knn_device``, or ``sklearn``), as the generator resolved it."""
+    knn_device: Optional[torch.device] = None
 
     @property
     def num_points(self) -> int:
@@ -64,9 +72,9 @@ class SegmentPointCloud:
     def knn_distance(self) -> np.ndarray:
         """``[N]`` mean distance to the 3 nearest neighbours (the initial Gaussian scale), cached beside the entry.
 
-        The KNN is the slow part of initialising a segment (~1 s for 300 k points on the CPU), and it depends only
-        on the cloud, so it is computed once per entry and kept in ``<entry>.knn.npy`` (written atomically; a
-        missing, unreadable or mismatched file is recomputed).
+        The KNN is the slow part of initialising a segment on the CPU (~1 s for 300 k points with scikit-learn; the
+        torch backend on a GPU takes milliseconds), and it depends only on the cloud, so it is computed once per entry
+        and kept in ``<entry>.knn.npy`` (written atomically; a missing, unreadable or mismatched file is recomputed).
         """
         from evolsplat_ns.pointcloud.init import knn_mean_distance
 
@@ -79,7 +87,7 @@ class SegmentPointCloud:
             except Exception:  # noqa: BLE001 - recomputed below
                 pass
             logger.warning("KNN cache %s does not match its cloud; recomputing it", side)
-        d = knn_mean_distance(self.points)
+        d = knn_mean_distance(self.points, backend=self.knn_backend, device=self.knn_device)
         if side is not None:
             write_atomic(side, lambda f: np.save(f, d))
         return d
@@ -116,10 +124,20 @@ class PointCloudCache:
         h = config_hash(generator.cache_key(scene, segment, input_frames))
         return self.root_for(scene) / f"{segment.segment_id}-{h}.ply"
 
+    def is_built(self, generator: RGBPointCloudGenerator, scene: SceneRecord, segment: Segment,
+                 input_frames: InputFrames = None) -> bool:
+        """Whether the segment's entry and its KNN scales are on disk (checked by name only, without reading)."""
+        if not self.enabled:
+            return False
+        path = self.path_for(generator, scene, segment, input_frames)
+        return path.exists() and path.with_suffix(".knn.npy").exists()
+
     def get(self, generator: RGBPointCloudGenerator, scene: SceneRecord, segment: Segment,
             input_frames: InputFrames = None) -> SegmentPointCloud:
         """The segment's cloud: read from the cache, or generated and written to it."""
         t0 = time.perf_counter()
+        backend, device = generator.backend()
+        knn = {"knn_backend": "torch" if backend == "torch" else "sklearn", "knn_device": device}
         path = self.path_for(generator, scene, segment, input_frames) if self.enabled else None
         if path is not None and path.exists():
             try:
@@ -127,7 +145,7 @@ class PointCloudCache:
                 if len(pts) > 0:
                     self.hits += 1
                     return SegmentPointCloud(scene.scene_id, scene.name, segment.segment_id, pts, cols, path, True,
-                                             time.perf_counter() - t0)
+                                             time.perf_counter() - t0, **knn)
                 logger.warning("cache entry %s is empty; rebuilding it", path)
             except Exception as e:  # noqa: BLE001 - any unreadable entry is rebuilt
                 logger.warning("cache entry %s is unreadable (%s: %s); rebuilding it", path, type(e).__name__, e)
@@ -138,7 +156,7 @@ class PointCloudCache:
             # what a later run reads back (colours quantised to 8 bits), so that a hit and a miss agree
             cols = quantise_colours(cols)
         return SegmentPointCloud(scene.scene_id, scene.name, segment.segment_id, pts, cols, path, False,
-                                 time.perf_counter() - t0)
+                                 time.perf_counter() - t0, **knn)
 
 
 def segment_pointcloud(
@@ -149,20 +167,19 @@ def segment_pointcloud(
     cache_dir: Union[str, Path, None] = None,
     data_root: Union[str, Path, None] = None,
     use_cache: bool = True,
+    device: Union[str, torch.device, None] = None,
 ) -> SegmentPointCloud:
-    """One segment's cloud through the cache (the entry point for model initialisation)."""
+    """One segment's cloud through the cache (the entry point for model initialisation); ``device``: the caller's
+    (the model's) device, where the torch backend works unless ``options.device`` says otherwise."""
     cache = PointCloudCache(cache_dir, data_root, enabled=use_cache)
-    return cache.get(make_generator(options), scene, segment, input_frames)
+    return cache.get(make_generator(options, device=device), scene, segment, input_frames)
 
 
-def build_all(
-    items: Iterable[Tuple[SceneRecord, Segment, InputFrames]],
-    generator: RGBPointCloudGenerator,
-    cache: PointCloudCache,
-    quiet: bool = False,
-) -> List[SegmentPointCloud]:
-    """Build (or read back) the clouds of many segments, with a progress bar and one log line per segment."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def progress_bar(description: str, quiet: bool = False, transient: bool = False):
+    """A rich progress bar in nerfstudio's style (its console and columns: description, bar, percentage and speed,
+    M/N, elapsed, remaining); a silent one when ``quiet``."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
 
     try:
         from nerfstudio.utils.rich_utils import CONSOLE
@@ -170,23 +187,40 @@ def build_all(
         from rich.console import Console
 
         CONSOLE = Console(width=120)
-
-    items = list(items)
-    out: List[SegmentPointCloud] = []
-    progress = Progress(
-        TextColumn("[bold blue]{task.description}"),
+    return Progress(
+        TextColumn(f"[bold blue]{description}"),
         BarColumn(),
+        TaskProgressColumn(show_speed=True),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TimeRemainingColumn(compact=True),
+        TimeRemainingColumn(elapsed_when_finished=True, compact=True),
         console=CONSOLE,
         disable=quiet,
-        transient=False,
+        transient=transient,
     )
+
+
+def build_all(
+    items: Iterable[Tuple[SceneRecord, Segment, InputFrames]],
+    generator: RGBPointCloudGenerator,
+    cache: PointCloudCache,
+    quiet: bool = False,
+    with_knn: bool = True,
+    description: Optional[str] = None,
+) -> List[SegmentPointCloud]:
+    """Build (or read back) the clouds of many segments, and with ``with_knn`` their KNN scales (the other slow part
+    of a first-seen segment, cached beside the cloud), with a progress bar and one line per segment."""
+    items = list(items)
+    out: List[SegmentPointCloud] = []
+    progress = progress_bar(description or f"Segment point clouds ({generator.name})", quiet=quiet)
     with progress:
-        task = progress.add_task(f"Segment point clouds ({generator.name})", total=len(items))
+        task = progress.add_task("", total=len(items))
         for scene, segment, input_frames in items:
+            t0 = time.perf_counter()
             res = cache.get(generator, scene, segment, input_frames)
+            if with_knn:
+                res.knn_distance()
+                res.seconds = time.perf_counter() - t0
             out.append(res)
             msg = (f"scene {scene.scene_id} ({scene.name}) segment {segment.segment_id}: {res.num_points} points, "
                    f"{res.seconds:.2f} s ({'cache' if res.from_cache else 'built'})")
@@ -206,5 +240,5 @@ def segments_of(index, input_frames: InputFrames = None) -> List[Tuple[SceneReco
 
 __all__: Sequence[str] = (
     "CACHE_VERSION", "DEFAULT_CACHE_DIRNAME", "PointCloudCache", "SegmentPointCloud", "build_all", "config_hash",
-    "segment_pointcloud", "segments_of",
+    "progress_bar", "segment_pointcloud", "segments_of",
 )

@@ -62,23 +62,39 @@ def random_unit_quaternions(n: int, generator: Optional[torch.Generator] = None)
     return (q / q.norm(dim=-1, keepdim=True)).float()
 
 
-def knn_mean_distance(points: ArrayLike, k: int = KNN_NEIGHBOURS, min_distance: float = MIN_DISTANCE) -> np.ndarray:
+def knn_mean_distance(points: ArrayLike, k: int = KNN_NEIGHBOURS, min_distance: float = MIN_DISTANCE,
+                      backend: str = "auto", device: Union[str, torch.device, None] = None) -> np.ndarray:
     """[N] float64: mean distance of each point to its ``k`` nearest other points, clamped to ``min_distance``.
 
     The point itself is excluded (for coincident points one zero-distance entry is dropped, which is the same).
     With fewer than ``k + 1`` points all other points are used; a single point gets ``SINGLE_POINT_DISTANCE``.
+
+    ``backend``: ``"torch"`` (exact grid KNN, :mod:`evolsplat_ns.pointcloud.knn`, on ``device`` or the tensor's
+    device), ``"sklearn"`` (KD-tree, CPU), or ``"auto"``: torch for CUDA (a CUDA ``device`` or CUDA tensor), else
+    scikit-learn (``"open3d"`` means scikit-learn here). Both give the same distances (to the last bit).
     """
-    pts = points.detach().cpu().numpy() if isinstance(points, torch.Tensor) else np.asarray(points)
-    pts = pts.astype(np.float64).reshape(-1, 3)
-    n = len(pts)
+    on_cuda = (device is not None and torch.device(device).type == "cuda") or (
+        device is None and isinstance(points, torch.Tensor) and points.device.type == "cuda")
+    if backend == "auto":
+        backend = "torch" if on_cuda else "sklearn"
+    if backend not in ("torch", "sklearn", "open3d"):
+        raise ValueError(f"unknown KNN backend {backend!r}; one of auto, torch, sklearn, open3d")
+    n = int(points.shape[0]) if isinstance(points, torch.Tensor) else len(np.asarray(points).reshape(-1, 3))
     if n == 0:
         return np.zeros(0)
     if n == 1:
         return np.full(1, max(SINGLE_POINT_DISTANCE, min_distance))
+    kk = min(k, n - 1)
+    if backend == "torch":
+        from evolsplat_ns.pointcloud.knn import knn_mean_distances
+
+        mean = knn_mean_distances(points, kk, skip_self=True, device=device).cpu().numpy()
+        return np.maximum(mean, min_distance)
+    pts = points.detach().cpu().numpy() if isinstance(points, torch.Tensor) else np.asarray(points)
+    pts = pts.astype(np.float64).reshape(-1, 3)
     from sklearn.neighbors import NearestNeighbors
 
-    kk = min(k, n - 1)
-    dist, _ = NearestNeighbors(n_neighbors=kk + 1).fit(pts).kneighbors(pts)
+    dist, _ = NearestNeighbors(n_neighbors=kk + 1, algorithm="kd_tree").fit(pts).kneighbors(pts)
     # column 0 is the point itself (distance 0; with duplicates, a zero-distance twin: same value)
     mean = dist[:, 1:].mean(axis=1)
     return np.maximum(mean, min_distance)
@@ -92,11 +108,13 @@ def init_gaussians(
     device: Union[str, torch.device, None] = None,
     min_distance: float = MIN_DISTANCE,
     knn_distance: Optional[np.ndarray] = None,
+    knn_backend: str = "auto",
 ) -> Dict[str, torch.Tensor]:
     """Initial Gaussians of a segment (see the module table). Deterministic for a given ``seed``.
 
     ``knn_distance`` ``[N]``: :func:`knn_mean_distance` of the points if already known (the point-cloud cache keeps
-    it beside each cloud, see :meth:`evolsplat_ns.pointcloud.cache.SegmentPointCloud.knn_distance`).
+    it beside each cloud, see :meth:`evolsplat_ns.pointcloud.cache.SegmentPointCloud.knn_distance`); otherwise it
+    is computed with ``knn_backend`` (``auto``: on ``device`` when that is CUDA).
     """
     pts = torch.as_tensor(np.asarray(points.detach().cpu() if isinstance(points, torch.Tensor) else points),
                           dtype=torch.float32).reshape(-1, 3)
@@ -109,7 +127,8 @@ def init_gaussians(
     n = pts.shape[0]
     gen = torch.Generator().manual_seed(int(seed))
     if knn_distance is None:
-        knn_distance = knn_mean_distance(pts, KNN_NEIGHBOURS, min_distance)
+        knn_distance = knn_mean_distance(pts, KNN_NEIGHBOURS, min_distance, backend=knn_backend,
+                                         device=device if knn_backend in ("auto", "torch") else None)
     elif len(knn_distance) != n:
         raise ValueError(f"knn_distance has {len(knn_distance)} entries for {n} points")
     log_scale = torch.from_numpy(np.log(np.maximum(np.asarray(knn_distance, dtype=np.float64), min_distance))).float()

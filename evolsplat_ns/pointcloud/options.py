@@ -18,6 +18,10 @@ import numpy as np
 
 SPARSITY_MODES: Tuple[str, ...] = ("Drop25", "Drop50", "Drop80", "Drop90", "full")
 GENERATORS: Tuple[str, ...] = ("depth", "lidar", "seed-ply")
+BACKENDS: Tuple[str, ...] = ("auto", "torch", "sklearn", "open3d")
+NOT_IN_CACHE_KEY: Tuple[str, ...] = ("backend", "device")
+"""Options that choose how a cloud is computed, not what it is: every backend gives the same cloud (to float
+round-off, tested), so switching backend or device reuses the cache entries."""
 
 Box6 = Tuple[float, float, float, float, float, float]
 #: Frames a segment may read as input: ``None`` (all), a set of frame indices, or a predicate ``t -> bool``.
@@ -26,7 +30,7 @@ InputFrames = Union[None, AbstractSet[int], Sequence[int], Callable[[int], bool]
 
 @dataclass
 class PointCloudOptions:
-    """How a segment's RGB point cloud is built (every field enters the cache key)."""
+    """How a segment's RGB point cloud is built (every field but ``backend`` and ``device`` enters the cache key)."""
 
     generator: Literal["depth", "lidar", "seed-ply"] = "depth"
     """Source: metric depth maps of the input frames, LiDAR sweeps coloured by the images, or the scene's seed PLY."""
@@ -68,6 +72,14 @@ class PointCloudOptions:
     seed_ply_ignores_holdout: bool = False
     """Seed-PLY source: allow the scene's PLY although the data side holds out some of the segment's frames (the
     PLY may contain points of held-out frames). Off: such a request is an error."""
+    backend: Literal["auto", "torch", "sklearn", "open3d"] = "auto"
+    """Neighbour searches (outlier removal, KNN scales) and per-point work (LiDAR colouring, crop, down-sampling).
+    'torch': exact grid KNN and tensor ops on ``device``; 'sklearn': scikit-learn's KD-tree and numpy-sized work on
+    the CPU; 'open3d': open3d's outlier removal, otherwise as 'sklearn'. 'auto': 'torch' when the device is CUDA,
+    else 'open3d' if importable, else 'sklearn'. All give the same cloud and scales (not part of the cache key)."""
+    device: Optional[str] = None
+    """Device of the 'torch' backend (e.g. 'cuda', 'cuda:1', 'cpu'). None: the caller's (the model's device in
+    training and inference), else CUDA when available."""
 
     def validate(self) -> "PointCloudOptions":
         from evolsplat_ns.data.errors import ConfigError
@@ -82,6 +94,16 @@ class PointCloudOptions:
             raise ConfigError("every_k_inside and every_k_outside must be >= 1")
         if self.nb_neighbors_inside < 1 or self.nb_neighbors_outside < 1:
             raise ConfigError("nb_neighbors_inside and nb_neighbors_outside must be >= 1")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"point cloud backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.device is not None:
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise ConfigError(f"point cloud device must be a torch device such as 'cuda' or 'cpu', got "
+                                  f"{self.device!r} ({e})") from None
         if self.max_points is not None and self.max_points < 1:
             raise ConfigError(f"max_points must be >= 1 or None, got {self.max_points}")
         for name in ("crop_aabb", "input_aabb"):
@@ -98,12 +120,42 @@ class PointCloudOptions:
         return PointCloudOptions(**d)
 
     def to_key(self) -> Dict[str, object]:
-        """JSON-able dict of every option (the cache key's options part)."""
+        """JSON-able dict of every option that changes the cloud (the cache key's options part)."""
         d = asdict(self)
+        for k in NOT_IN_CACHE_KEY:
+            d.pop(k)
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = [float(x) if isinstance(x, float) else x for x in v]
         return d
+
+
+def resolve_backend(opts: PointCloudOptions, caller_device=None):
+    """``(backend, device)`` that builds a cloud: ``backend`` is ``"torch"``, ``"sklearn"`` or ``"open3d"`` (see
+    :attr:`PointCloudOptions.backend`), ``device`` the ``torch.device`` of the per-point work (the CPU unless torch).
+
+    The torch backend's device is ``opts.device``, else ``caller_device`` (e.g. the model's), else CUDA when
+    available. An explicit ``"open3d"`` that cannot be imported is a :class:`ConfigError`.
+    """
+    import torch
+
+    from evolsplat_ns.data.errors import ConfigError
+    from evolsplat_ns.pointcloud.plyio import open3d_module
+
+    if opts.device is not None:
+        device = torch.device(opts.device)
+    elif caller_device is not None:
+        device = torch.device(caller_device)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = opts.backend
+    if name == "auto":
+        name = "torch" if device.type == "cuda" else ("open3d" if open3d_module() is not None else "sklearn")
+    elif name == "open3d" and open3d_module() is None:
+        raise ConfigError("point cloud backend 'open3d': open3d cannot be imported here (use auto, torch or sklearn)")
+    if name == "torch" and device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"point cloud device {device} requested, but CUDA is not available")
+    return name, (device if name == "torch" else torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,7 @@ class LidarSource:
         self.max_time_offset = float(max_time_offset)
         self.cache_tag = cache_tag
         self._decoded: "OrderedDict[int, np.ndarray]" = OrderedDict()
+        self._decoded_lock = threading.Lock()  # the point-cloud generator reads sweeps from several threads
         self._capacity = decoded_capacity
         self._warned: set = set()
         self.camera_timestamps: Dict[Tuple[int, int], Optional[float]] = {}
@@ -118,18 +120,21 @@ class LidarSource:
         return [s.path for s in self.sweeps]
 
     def _world_points(self, i: int) -> np.ndarray:
-        """[M, 3] float64 points of sweep ``i`` in the project frame (decoded sweeps are kept, a few at a time)."""
-        if i in self._decoded:
-            self._decoded.move_to_end(i)
-            return self._decoded[i]
+        """[M, 3] float64 points of sweep ``i`` in the project frame (decoded sweeps are kept, a few at a time).
+        Thread-safe; sweeps are decoded outside the lock (two threads may decode the same one, to the same result)."""
+        with self._decoded_lock:
+            if i in self._decoded:
+                self._decoded.move_to_end(i)
+                return self._decoded[i]
         s = self.sweeps[i]
         pts = np.asarray(self.reader(s.path), dtype=np.float64)[:, :3]
         pts = pts[np.all(np.isfinite(pts), axis=1)]
         T = self.align if s.to_world is None else self.align @ s.to_world
         pts = pts @ T[:3, :3].T + T[:3, 3]
-        self._decoded[i] = pts
-        while len(self._decoded) > self._capacity:
-            self._decoded.popitem(last=False)
+        with self._decoded_lock:
+            self._decoded[i] = pts
+            while len(self._decoded) > self._capacity:
+                self._decoded.popitem(last=False)
         return pts
 
     def points(self, frame_index: int) -> np.ndarray:

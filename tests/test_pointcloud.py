@@ -448,6 +448,10 @@ def test_cache_reuses_and_invalidates(tmp_path, street):
     h1 = config_hash(CountingGenerator().cache_key(street, seg))
     assert h1 == config_hash(CountingGenerator().cache_key(street, seg))
     assert h1 != config_hash(CountingGenerator(filter_sky=False).cache_key(street, seg))
+    # the same scene loaded at another size (downscale: sizes and K change) is another cloud: colours are read there
+    from evolsplat_ns.data.layouts.common import downscale_scene
+
+    assert h1 != config_hash(CountingGenerator().cache_key(downscale_scene(street, 2.0), seg))
 
 
 def test_interrupted_write_leaves_no_corrupt_entry(tmp_path, street, monkeypatch):

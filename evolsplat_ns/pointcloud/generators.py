@@ -232,6 +232,10 @@ class RGBPointCloudGenerator(abc.ABC):
             "frames": self.frames_for(scene, segment, input_frames),
             "allowed_frames": [int(t) for t in segment.frame_indices if allowed(t)],
             "cameras": self.cameras(scene),
+            # colours (and depth-map pixels) are read at the records' size: a scene loaded with another downscale
+            # (or intrinsics) builds another cloud
+            "images": [[int(r.width), int(r.height), *(round(float(x), 6) for x in np.asarray(r.K).reshape(-1)[:6])]
+                       for r in (scene.image(segment.frame_indices[0], c) for c in self.cameras(scene))],
             "segment": {"frames": [int(t) for t in segment.frame_indices],
                         "aabb": [[float(x) for x in v] for v in segment.aabb]},
             "scene": {"name": scene.name, "num_frames": scene.num_frames, **_file_stamps(self._source_files(scene))},

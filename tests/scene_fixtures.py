@@ -78,3 +78,14 @@ def write_root(root: Path, num_scenes: int = 3, **kw) -> Path:
     for i in range(num_scenes):
         write_scene(root / f"scene_{i:03d}", seed=i, **kw)
     return root
+
+
+def keyframes_of(sizes):
+    """Consecutive keyframes holding ``sizes[i]`` frames each (frame indices from 0)."""
+    from evolsplat_ns.data.scene_index import Keyframe
+
+    out, t = [], 0
+    for i, n in enumerate(sizes):
+        out.append(Keyframe(i, t, t + n))
+        t += n
+    return out

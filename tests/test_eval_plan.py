@@ -11,16 +11,11 @@ from evolsplat_ns.data.datamanager import EvolSplatDataManagerConfig
 from evolsplat_ns.data.errors import ConfigError
 from evolsplat_ns.data.eval_plan import plan_scene
 from evolsplat_ns.data.ns_dataparser import EvolSplatDataParserConfig
-from evolsplat_ns.data.scene_index import Keyframe, Segment, window_starts
-from scene_fixtures import write_root
+from evolsplat_ns.data.scene_index import Segment, window_starts
+from scene_fixtures import keyframes_of, write_root
 
 
-def _kfs(sizes):
-    out, t = [], 0
-    for i, n in enumerate(sizes):
-        out.append(Keyframe(i, t, t + n))
-        t += n
-    return out
+_kfs = keyframes_of
 
 
 def _segments(kfs, window, overlap):

@@ -7,15 +7,11 @@ from hypothesis import strategies as st
 
 from evolsplat_ns.data.errors import ConfigError
 from evolsplat_ns.data.sampling import select_views
-from evolsplat_ns.data.scene_index import Keyframe, Segment
+from evolsplat_ns.data.scene_index import Segment
+from scene_fixtures import keyframes_of
 
 
-def _kfs(sizes):
-    out, t = [], 0
-    for i, n in enumerate(sizes):
-        out.append(Keyframe(i, t, t + n))
-        t += n
-    return out
+_kfs = keyframes_of
 
 
 def _seg(kfs, ids=None):

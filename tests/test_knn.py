@@ -198,8 +198,8 @@ def test_every_backend_builds_the_same_cloud_and_cache_entry(street, generator, 
                   .generate_pointcloud(street, segment_of(street, frames=[t]))[0] for t in range(4)}
         street.metadata["lidar_loader"] = lambda t: sweeps[t]
     # tight boxes so that the outer points are few and sparse, and every stage (crop, split, outliers) acts
-    base = PointCloudOptions(generator=generator, crop_aabb=(-20, -12, -5, 20, 5, 40), input_aabb=(-6, -12, -5, 6, 5, 12),
-                             nb_neighbors_inside=12, nb_neighbors_outside=6)
+    base = PointCloudOptions(generator=generator, crop_aabb=(-20, -12, -5, 20, 5, 40),
+                             input_aabb=(-6, -12, -5, 6, 5, 12), nb_neighbors_inside=12, nb_neighbors_outside=6)
     out = {}
     for b in BACKENDS:
         g = make_generator(base.replace(backend=b))

@@ -70,7 +70,8 @@ def run_once(scene, segment, allowed, opts, device, cache_root: Path):
     knn = pc.knn_distance()
     sync()
     t2 = time.perf_counter()
-    g = init_gaussians(pc.points, pc.colours, sh_degree=1, knn_distance=knn, seed=0, device=device)
+    g = init_gaussians(pc.points, pc.colours, sh_degree=1, knn_distance=knn, seed=0, device=device,
+                       keys=("means", "colours", "log_scales", "offset"))  # what the model keeps
     sync()
     t3 = time.perf_counter()
     rep = generator.last_report

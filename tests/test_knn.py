@@ -85,9 +85,10 @@ def test_initial_scales_same_for_both_backends(name):
     b = knn_mean_distance(pts, backend="torch")
     np.testing.assert_allclose(b, a, rtol=1e-15, atol=0)
     assert len(knn_mean_distance(pts[:1], backend="torch")) == 1
-    ga = init_gaussians(pts, np.zeros_like(pts), knn_backend="sklearn")["log_scales"]
-    gb = init_gaussians(pts, np.zeros_like(pts), knn_backend="torch")["log_scales"]
-    assert torch.equal(ga, gb)
+    ga = init_gaussians(pts, np.zeros_like(pts), knn_backend="sklearn")
+    gb = init_gaussians(pts, np.zeros_like(pts), knn_backend="torch", keys=("log_scales", "quats"))
+    assert set(gb) == {"log_scales", "quats"}
+    assert torch.equal(ga["log_scales"], gb["log_scales"]) and torch.equal(ga["quats"], gb["quats"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,8 +198,8 @@ def test_every_backend_builds_the_same_cloud_and_cache_entry(street, generator, 
                   .generate_pointcloud(street, segment_of(street, frames=[t]))[0] for t in range(4)}
         street.metadata["lidar_loader"] = lambda t: sweeps[t]
     # tight boxes so that the outer points are few and sparse, and every stage (crop, split, outliers) acts
-    base = PointCloudOptions(generator=generator, crop_aabb=(-20, -12, -5, 20, 5, 40), input_aabb=(-6, -12, -5, 6, 5, 12),
-                             nb_neighbors_inside=12, nb_neighbors_outside=6)
+    base = PointCloudOptions(generator=generator, crop_aabb=(-20, -12, -5, 20, 5, 40),
+                             input_aabb=(-6, -12, -5, 6, 5, 12), nb_neighbors_inside=12, nb_neighbors_outside=6)
     out = {}
     for b in BACKENDS:
         g = make_generator(base.replace(backend=b))
@@ -238,6 +239,21 @@ def test_lidar_cloud_from_pandaset_sweeps_read_in_threads(tmp_path, monkeypatch)
     one, _ = make_generator(opts.replace(backend="sklearn")).generate_pointcloud(scene, seg)
     assert len(one) > 100
     np.testing.assert_array_equal(many, one)
+
+
+def test_lidar_colouring_rejects_an_image_of_another_size(tmp_path):
+    """Pixels are looked up by flat index (on the GPU an out-of-range one is a device assert): a wrong-sized image
+    is one error line naming the file."""
+    from PIL import Image
+
+    from evolsplat_ns.data.errors import DataValidationError
+
+    scene = parse_scene(write_analytic_scene(tmp_path / "s", num_frames=2), 0)
+    scene.metadata["lidar_loader"] = lambda t: np.array([[0.0, 1.5, 8.0]])
+    bad = scene.image(1, 0).image_path
+    Image.new("RGB", (17, 9)).save(bad)
+    with pytest.raises(DataValidationError, match=rf"{bad.name}.*image.*40x30.*got 17x9"):
+        make_generator(PointCloudOptions(generator="lidar", **PLAIN)).generate_pointcloud(scene, segment_of(scene))
 
 
 def test_prefetch_keeps_order_bounds_memory_and_raises():

@@ -189,10 +189,9 @@ class EvolSplatModel(Model):
 
         pc = segment_pointcloud(scene, segment, self.config.pointcloud, input_frames,
                                 cache_dir=self.config.pointcloud_cache_dir, data_root=data_root, device=self.device)
-        g = init_gaussians(pc.points, pc.colours, sh_degree=self.config.sh_degree, knn_distance=pc.knn_distance(),
-                           seed=self.config.pointcloud.seed + 1000 * segment.scene_id + segment.segment_id,
-                           device=self.device)
-        return {k: g[k] for k in ("means", "colours", "log_scales", "offset")}
+        return init_gaussians(pc.points, pc.colours, sh_degree=self.config.sh_degree, knn_distance=pc.knn_distance(),
+                              seed=self.config.pointcloud.seed + 1000 * segment.scene_id + segment.segment_id,
+                              device=self.device, keys=("means", "colours", "log_scales", "offset"))
 
     # ----------------------------------------------------------------------------------------------- shared part
     def extract_shared(self, batch: SegmentBatch) -> SharedState:

@@ -109,6 +109,14 @@ def _fit(arr: np.ndarray, rec: ImageRecord, path: Path) -> np.ndarray:
     return fit_to_record(arr, rec, path)
 
 
+def _sized(arr: np.ndarray, rec: ImageRecord, path: Path, what: str) -> np.ndarray:
+    """``arr`` if it has the record's size (pixels are looked up by flat index), else a one-line error."""
+    if arr.shape[:2] != (int(rec.height), int(rec.width)):
+        raise DataValidationError(path, what, f"{int(rec.width)}x{int(rec.height)} pixels (the camera's size)",
+                                  f"{arr.shape[1]}x{arr.shape[0]}")
+    return arr
+
+
 def _depth_provider(scene: SceneRecord):
     from evolsplat_ns.data.views import depth_provider
 
@@ -126,6 +134,7 @@ def _numpy(x: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
 READ_WORKERS = min(16, os.cpu_count() or 1)
 """Threads that read and decode a segment's files (sweeps, images, masks): gzip, JPEG / PNG decoding and resizing
 release the GIL, so a 16-core machine reads a 40-frame segment about 10x faster than one thread."""
+
 
 @contextmanager
 def _torch_threads(n: Optional[int]) -> Iterator[None]:
@@ -519,11 +528,11 @@ class LidarRGBPointCloudGenerator(RGBPointCloudGenerator):
             pts = pts[:, :3]
             pts = pts[np.all(np.isfinite(pts), axis=1)]
             recs = [scene.image(t, c) for c in cams]
-            images = [_fit(_read_rgb(r.image_path), r, r.image_path) for r in recs]
+            images = [_sized(_fit(_read_rgb(r.image_path), r, r.image_path), r, r.image_path, "image") for r in recs]
             sky = None
             if opts.filter_sky:
-                sky = [filters.sky_from_mask(_fit(filters.read_mask(r.sky_mask_path), r, r.sky_mask_path),
-                                             scene.sky_mask_convention)
+                sky = [filters.sky_from_mask(_sized(_fit(filters.read_mask(r.sky_mask_path), r, r.sky_mask_path), r,
+                                                    r.sky_mask_path, "sky mask"), scene.sky_mask_convention)
                        if r.sky_mask_path is not None else None for r in recs]
             return pts, recs, images, sky
 

@@ -20,7 +20,7 @@ coincident points give a finite log-scale.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -109,12 +109,14 @@ def init_gaussians(
     min_distance: float = MIN_DISTANCE,
     knn_distance: Optional[np.ndarray] = None,
     knn_backend: str = "auto",
+    keys: Optional[Sequence[str]] = None,
 ) -> Dict[str, torch.Tensor]:
     """Initial Gaussians of a segment (see the module table). Deterministic for a given ``seed``.
 
     ``knn_distance`` ``[N]``: :func:`knn_mean_distance` of the points if already known (the point-cloud cache keeps
     it beside each cloud, see :meth:`evolsplat_ns.pointcloud.cache.SegmentPointCloud.knn_distance`); otherwise it
-    is computed with ``knn_backend`` (``auto``: on ``device`` when that is CUDA).
+    is computed with ``knn_backend`` (``auto``: on ``device`` when that is CUDA). ``keys``: only these entries
+    (default all); each has the same value as in the full dict.
     """
     pts = torch.as_tensor(np.asarray(points.detach().cpu() if isinstance(points, torch.Tensor) else points),
                           dtype=torch.float32).reshape(-1, 3)
@@ -132,16 +134,20 @@ def init_gaussians(
     elif len(knn_distance) != n:
         raise ValueError(f"knn_distance has {len(knn_distance)} entries for {n} points")
     log_scale = torch.from_numpy(np.log(np.maximum(np.asarray(knn_distance, dtype=np.float64), min_distance))).float()
-    out = {
-        "means": pts.clone(),
-        "colours": rgb.clone(),
-        "log_scales": log_scale[:, None].repeat(1, 3),
-        "features_dc": rgb_to_sh(rgb),
-        "features_rest": torch.zeros(n, (sh_degree + 1) ** 2 - 1, 3),
-        "quats": random_unit_quaternions(n, gen),
-        "opacities": torch.full((n, 1), math.log(INITIAL_OPACITY / (1.0 - INITIAL_OPACITY))),
-        "offset": torch.zeros(n, 3),
+    make = {
+        "means": lambda: pts.clone(),
+        "colours": lambda: rgb.clone(),
+        "log_scales": lambda: log_scale[:, None].repeat(1, 3),
+        "features_dc": lambda: rgb_to_sh(rgb),
+        "features_rest": lambda: torch.zeros(n, (sh_degree + 1) ** 2 - 1, 3),
+        "quats": lambda: random_unit_quaternions(n, gen),
+        "opacities": lambda: torch.full((n, 1), math.log(INITIAL_OPACITY / (1.0 - INITIAL_OPACITY))),
+        "offset": lambda: torch.zeros(n, 3),
     }
+    unknown = set(keys or ()) - set(make)
+    if unknown:
+        raise ValueError(f"unknown Gaussian entries {sorted(unknown)}; known: {list(make)}")
+    out = {k: make[k]() for k in (keys if keys is not None else make)}
     if device is not None:
         out = {k: v.to(device) for k, v in out.items()}
     return out

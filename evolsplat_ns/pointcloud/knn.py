@@ -23,7 +23,8 @@ The first cell size (about ``k / 4`` points per cell around the average point) a
 the speed, never the result (on PandaSet LiDAR clouds of 1-2 M points: ~290 candidates per point for k = 35, ~60
 for k = 4). Distances are ``sqrt(dx^2 + dy^2 + dz^2)`` in float64, the squares summed in that order, as in
 scikit-learn's and open3d's KD-trees: they agree with them, and CUDA with the CPU, to the last bit (torch's CPU
-``sqrt`` is not always correctly rounded, so the CPU path takes numpy's), and the k nearest are chosen on exact squared distances.
+``sqrt`` is not always correctly rounded, so the CPU path takes numpy's); the k nearest are chosen on exact squared
+distances.
 
 Why not a library: scikit-learn and open3d are CPU only (and open3d cannot be installed on our GPU machine);
 FAISS, pytorch3d's ``knn_points`` and pykeops are large or source-built CUDA dependencies, and brute force over

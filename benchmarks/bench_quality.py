@@ -57,7 +57,7 @@ def main():
             gt = batch.target.image[v]
             tgt = batch.target
             base = render_seed_cloud(model.segments.current, tgt.extrinsics[v], tgt.intrinsics[v], tgt.width,
-                                     tgt.height)
+                                     tgt.height)["rgb"]
             rows.append({"ours": model.image_metrics(o["rgb"], gt), "seed_cloud": model.image_metrics(base, gt)})
             if saved < args.images and v % 3 == 0:
                 img = torch.cat([gt, o["rgb"].clamp(0, 1), base.clamp(0, 1)], dim=1)

@@ -25,14 +25,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_splatfacto import _save_png, export_scene, run_splatfacto, score, sync  # noqa: E402
+from benchmarks.bench_splatfacto import _save_png, compare_scene  # noqa: E402
 
 CAMERAS = ["front", "front_left", "front_right", "left", "right", "back"]
 
@@ -65,44 +64,37 @@ def _at_step(step):
 
 
 def evaluate(configs, out: Path, images: int, step=None) -> dict:
-    """(a) and (c) on every held-out image of the eval scenes, per checkpoint (of ``step``, else the latest)."""
+    """(a) and (c) on every held-out image of the eval scenes, per checkpoint (of ``step``, else the latest): the
+    library's evaluation path (:func:`evolsplat_ns.pipeline.evaluation.evaluate`), the seed cloud scored beside it."""
     from nerfstudio.utils.eval_utils import eval_setup
 
     from evolsplat_ns.model.render import render_seed_cloud
+    from evolsplat_ns.pipeline.evaluation import evaluate as evaluate_plan
 
     report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "runs": {}}
     for cfg_path in configs:
         _, pipe, ckpt, loaded = eval_setup(Path(cfg_path), test_mode="test", update_config_callback=_at_step(step))
-        model, dm = pipe.ff_model, pipe.datamanager
+        model = pipe.ff_model
         model.segments.clear()  # time first-seen segments: every cloud is built (or read from the cache) here
         name = "/".join(Path(cfg_path).parts[-4:-1])  # experiment/method/timestamp: unique per run
-        ours, seed, recon, seen, saved = [], [], [], set(), 0
-        for batch in dm.eval_batches():
-            sync()
-            t0 = time.perf_counter()
-            shared = pipe.reconstruct(batch)
-            sync()
-            key = (batch.scene_id, batch.segment_id)
-            recon.append({"ms": 1000 * (time.perf_counter() - t0), "first_seen": key not in seen})
-            seen.add(key)
+        seed = []
+
+        def seed_cloud(batch, shared, v, pred, gt, row):
             tgt = batch.target
-            for v, o in enumerate(pipe.render_targets(batch, shared)):
-                gt = tgt.image[v]
-                base = render_seed_cloud(model.segments.current, tgt.extrinsics[v], tgt.intrinsics[v], tgt.width,
-                                         tgt.height)
-                row = {"scene": dm.scenes[batch.scene_id].name, "frame": int(tgt.frame_indices[v]),
-                       "camera": int(tgt.cam_indices[v])}
-                ours.append({**row, **model.image_metrics(o["rgb"], gt)})
-                seed.append({**row, **model.image_metrics(base, gt)})
-                if saved < images and (len(ours) - 1) % 5 == 0:
-                    _save_png(out / f"real_{name.replace('/', '_')}_f{row['frame']:03d}.png",
-                              torch.cat([gt, o["rgb"].clamp(0, 1), base.clamp(0, 1)], dim=1))
-                    saved += 1
-        keys = [k for k in ("psnr", "ssim", "lpips") if k in ours[0]]
-        first = [r["ms"] for r in recon if r["first_seen"]]
-        again = [r["ms"] for r in recon if not r["first_seen"]]
+            base = render_seed_cloud(model.segments.current, tgt.extrinsics[v], tgt.intrinsics[v], tgt.width,
+                                     tgt.height)["rgb"]
+            seed.append(model.image_metrics(base, gt))
+            if len(seed) <= 5 * images and (len(seed) - 1) % 5 == 0:
+                _save_png(out / f"real_{name.replace('/', '_')}_f{row['frame']:03d}.png",
+                          torch.cat([gt, pred.clamp(0, 1), base.clamp(0, 1)], dim=1))
+
+        result = evaluate_plan(pipe, on_view=seed_cloud)
+        ours = result.views
+        keys = result.metric_names()
+        first = [b.init_ms + b.reconstruction_ms for b in result.batches if b.init_ms > 0]
+        again = [b.reconstruction_ms for b in result.batches if b.init_ms == 0]
         report["runs"][name] = {
-            "checkpoint": str(ckpt), "step": loaded, "num_views": len(ours),
+            "checkpoint": str(ckpt), "step": loaded, "num_views": result.num_views,
             "ours": {k: statistics.mean(r[k] for r in ours) for k in keys},
             "seed_cloud": {k: statistics.mean(r[k] for r in seed) for k in keys},
             "reconstruction_ms_first_seen_segment": statistics.median(first) if first else None,
@@ -162,20 +154,11 @@ def splatfacto(config: Path, budgets, out: Path, images: int) -> dict:
     from nerfstudio.utils.eval_utils import eval_setup
 
     _, pipe, _, _ = eval_setup(config, test_mode="test")
-    metric = pipe.ff_model.image_metrics
     report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "scenes": {}}
     for sid in pipe.datamanager.eval_scene_ids:
         name = pipe.datamanager.scenes[sid].name
-        targets, n_train = export_scene(pipe, sid, out / name)
-        ours = [o["rgb"].cpu() for b in pipe.datamanager.eval_batches() if b.scene_id == sid
-                for o in pipe.render_targets(b)]
-        row = {"train_views": n_train, "test_views": len(targets), "evolsplat_ff": score(metric, ours, targets)}
-        results, renders = run_splatfacto(out / name, out / "runs", name, budgets, metric, targets)
-        row.update(results)
-        for i in range(0, len(targets), max(1, len(targets) // images))[:images]:
-            cols = [targets[i], ours[i].clamp(0, 1)] + [renders[k][i].clamp(0, 1) for k in renders]
-            _save_png(out / f"real_splatfacto_{name}_view{i:02d}.png", torch.cat(cols, dim=1))
-        report["scenes"][name] = row
+        report["scenes"][name] = compare_scene(pipe, sid, out / name, out / "runs", name, budgets, images,
+                                               out / f"real_splatfacto_{name}")
     return report
 
 

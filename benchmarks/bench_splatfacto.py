@@ -176,6 +176,23 @@ def run_splatfacto(scene_dir: Path, runs_dir: Path, name: str, budgets, metric, 
     return results, renders
 
 
+def compare_scene(pipe, scene_id: int, scene_dir: Path, runs_dir: Path, name: str, budgets, images: int,
+                  png_prefix: Path) -> dict:
+    """One held-out scene: export it (:func:`export_scene`), score the feed-forward renders and splatfacto after each
+    budget on the same views, and save ``images`` side-by-side PNGs ``<png_prefix>_view<i>.png`` (ground truth |
+    evolsplat-ff | splatfacto per budget). Returns the scene's row."""
+    metric = pipe.ff_model.image_metrics
+    targets, n_train = export_scene(pipe, scene_id, scene_dir)
+    ours = feed_forward_renders(pipe, scene_id)
+    row = {"train_views": n_train, "test_views": len(targets), "evolsplat_ff": score(metric, ours, targets)}
+    results, renders = run_splatfacto(scene_dir, runs_dir, name, budgets, metric, targets)
+    row.update(results)
+    for i in range(0, len(targets), max(1, len(targets) // images))[:images]:
+        cols = [targets[i], ours[i].clamp(0, 1)] + [renders[k][i].clamp(0, 1) for k in renders]
+        _save_png(Path(f"{png_prefix}_view{i:02d}.png"), torch.cat(cols, dim=1))
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--load-config", type=Path, required=True, help="config.yml of a trained evolsplat-ff run")
@@ -187,20 +204,11 @@ def main():
 
     args.out.mkdir(parents=True, exist_ok=True)
     _, pipe, _, step = eval_setup(args.load_config, test_mode="test")
-    metric = pipe.ff_model.image_metrics
     report = {"evolsplat_checkpoint_step": step, "device": torch.cuda.get_device_name(0)
               if torch.cuda.is_available() else "cpu", "scenes": {}}
     for sid in pipe.datamanager.eval_scene_ids:
-        scene_dir = args.out / f"scene{sid:03d}"
-        targets, n_train = export_scene(pipe, sid, scene_dir)
-        ours = feed_forward_renders(pipe, sid)
-        row = {"train_views": n_train, "test_views": len(targets), "evolsplat_ff": score(metric, ours, targets)}
-        results, renders = run_splatfacto(scene_dir, args.out / "runs", f"scene{sid:03d}", args.budgets, metric,
-                                          targets)
-        row.update(results)
-        for i in range(0, len(targets), max(1, len(targets) // args.images))[: args.images]:
-            cols = [targets[i], ours[i].clamp(0, 1)] + [renders[k][i].clamp(0, 1) for k in renders]
-            _save_png(args.out / f"b7b_scene{sid:03d}_view{i:02d}.png", torch.cat(cols, dim=1))
+        row = compare_scene(pipe, sid, args.out / f"scene{sid:03d}", args.out / "runs", f"scene{sid:03d}", args.budgets,
+                            args.images, args.out / f"b7b_scene{sid:03d}")
         report["scenes"][str(sid)] = row
         print(json.dumps(row, indent=1), flush=True)
     (args.out / "bench_splatfacto.json").write_text(json.dumps(report, indent=2))

@@ -82,7 +82,7 @@ def test_raw_pandaset_crop_loads():
 def test_seed_cloud_reproduces_held_out_views(pipeline):
     """The segment's initial Gaussians (zero offsets, the cloud's own colours and KNN scales) rendered into the
     held-out (odd) frames reproduce them where they cover the image: poses, LiDAR alignment and colouring are right."""
-    from evolsplat_ns.model.render import render_gaussians
+    from evolsplat_ns.model.render import render_seed_cloud
 
     rows = []
     for batch in pipeline.datamanager.eval_batches():
@@ -91,12 +91,8 @@ def test_seed_cloud_reproduces_held_out_views(pipeline):
         assert seg["offset"].abs().max() == 0
         tgt = batch.target
         assert all(int(t) % 2 == 1 for t in tgt.frame_indices)  # held-out frames only
-        quats = torch.zeros(seg["means"].shape[0], 4)
-        quats[:, 0] = 1
         for v in range(len(tgt)):
-            out = render_gaussians(seg["means"], quats, torch.exp(seg["log_scales"]),
-                                   torch.full_like(seg["means"][:, 0], 0.9), seg["colours"], tgt.extrinsics[v],
-                                   tgt.intrinsics[v], tgt.width, tgt.height)
+            out = render_seed_cloud(seg, tgt.extrinsics[v], tgt.intrinsics[v], tgt.width, tgt.height)  # opacity 0.9
             covered = out["alpha"][..., 0] > 0.9
             assert covered.float().mean() > COVERAGE_FLOOR
             rows.append(_masked(out["rgb"], tgt.image[v], covered))

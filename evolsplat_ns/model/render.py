@@ -168,7 +168,7 @@ SEED_CLOUD_OPACITY = 0.9
 
 
 def render_seed_cloud(segment: Dict[str, Tensor], c2w: Tensor, K: Tensor, width: int, height: int,
-                      opacity: float = SEED_CLOUD_OPACITY, backend: Backend = "auto") -> Tensor:
+                      opacity: float = SEED_CLOUD_OPACITY, backend: Backend = "auto") -> Dict[str, Tensor]:
     """A segment's seed cloud as fixed Gaussians (no network): its points, own colours, isotropic KNN scales,
     opacity ``opacity``. The no-learning baseline of the benchmarks and the real-data fixture test.
 
@@ -176,10 +176,10 @@ def render_seed_cloud(segment: Dict[str, Tensor], c2w: Tensor, K: Tensor, width:
         segment: a segment's state (:mod:`evolsplat_ns.model.segment_state`): ``means`` [N, 3], ``colours`` [N, 3]
             in [0, 1], ``log_scales`` [N, 3].
     Returns:
-        ``[H, W, 3]`` RGB on black.
+        :func:`render_gaussians`' output: ``rgb`` ``[H, W, 3]`` on black, ``alpha`` ``[H, W, 1]``.
     """
     means = segment["means"]
     quats = torch.zeros(means.shape[0], 4, device=means.device, dtype=means.dtype)
     quats[:, 0] = 1
     return render_gaussians(means, quats, torch.exp(segment["log_scales"]), torch.full_like(means[:, 0], opacity),
-                            segment["colours"], c2w, K, width, height, backend=backend)["rgb"]
+                            segment["colours"], c2w, K, width, height, backend=backend)

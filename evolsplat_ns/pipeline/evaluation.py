@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -77,8 +77,8 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(pipeline, render_dir: Optional[Path] = None, description: str = "Evaluating held-out views"
-             ) -> EvalResult:
+def evaluate(pipeline, render_dir: Optional[Path] = None, description: str = "Evaluating held-out views",
+             on_view: Optional[Callable[..., None]] = None) -> EvalResult:
     """Score every held-out image of the pipeline's evaluation plan once (see the module docstring).
 
     Args:
@@ -86,6 +86,8 @@ def evaluate(pipeline, render_dir: Optional[Path] = None, description: str = "Ev
         render_dir: if given, a side-by-side PNG per image is written there
             (``scene{id:03d}_seg{seg:02d}_f{frame:03d}_c{camera}.png``).
         description: label of the progress bar.
+        on_view: called after each image is scored as ``on_view(batch, shared, v, pred, gt, row)`` (benchmarks score
+            their baselines on exactly the same images there).
     """
     from nerfstudio.utils.rich_utils import CONSOLE
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -124,6 +126,8 @@ def evaluate(pipeline, render_dir: Optional[Path] = None, description: str = "Ev
                 result.views.append(row)
                 if render_dir is not None:
                     save_side_by_side(render_dir, batch, v, gt, pred)
+                if on_view is not None:
+                    on_view(batch, shared, v, pred, gt, row)
                 progress.advance(task)
     return result
 

@@ -375,6 +375,57 @@ def test_lidar_points_take_the_nearest_seeing_camera(tmp_path):
         LidarRGBPointCloudGenerator().generate_pointcloud(parse_scene(tmp_path / "s", 0), segment_of(scene))
 
 
+def _ground_grid(step=0.25):
+    x, z = np.meshgrid(np.arange(-6.0, 6.0, step), np.arange(3.0, 40.0, step))
+    return np.stack([x.ravel(), np.full(x.size, GROUND_Y), z.ravel()], 1)
+
+
+def test_lidar_cloud_drops_what_passes_and_keeps_what_stays(tmp_path):
+    """Accumulated sweeps with ``lidar_free_space``: an object present in one frame of three (a passing car) is
+    dropped, since the other frames see the ground through it; one present in two of three frames stays (majority),
+    the ground stays; without the option (the default) everything stays."""
+    scene = parse_scene(write_analytic_scene(tmp_path / "s", num_frames=3), 0)
+    xs, ys = np.meshgrid(np.linspace(-0.5, 0.5, 5), np.linspace(0.2, 0.8, 4))
+    passing = np.stack([xs.ravel(), ys.ravel(), np.full(xs.size, 7.0)], 1)
+    staying = passing + [2.0, 0.0, 3.0]
+    ground = _ground_grid()
+    sweeps = {0: np.concatenate([ground, passing, staying]), 1: np.concatenate([ground, staying]), 2: ground}
+    scene.metadata["lidar_loader"] = lambda t: sweeps[t]
+
+    def has(pts, obj):
+        return np.array([np.abs(pts - q).max(1).min() < 1e-4 for q in obj])
+
+    seg = segment_of(scene, aabb=BIG_BOX)
+    pts, _ = LidarRGBPointCloudGenerator(PointCloudOptions(use_bbx=False, lidar_free_space=True, **PLAIN)
+                                         ).generate_pointcloud(scene, seg)
+    raw, _ = LidarRGBPointCloudGenerator(PointCloudOptions(use_bbx=False, **PLAIN)).generate_pointcloud(scene, seg)
+    assert has(raw, passing).all() and has(raw, staying).all()
+    assert not has(pts, passing).any()
+    assert has(pts, staying).all()
+    assert has(pts, ground[::50]).sum() == has(raw, ground[::50]).sum()  # the ground the cameras see stays
+
+
+def test_transient_mask_keeps_what_no_other_frame_observes():
+    """A point where the other frames have no depth at all (no return there: the sky, beyond range) is kept; a point
+    behind a nearer surface of another frame is occluded there, not seen through, and is kept."""
+    from types import SimpleNamespace
+
+    from evolsplat_ns.pointcloud.filters import transient_mask
+
+    K = np.array([[50.0, 0, 50], [0, 50.0, 25], [0, 0, 1]])
+    cams = [[SimpleNamespace(c2w=np.eye(4), K=K, width=100, height=50)] for _ in range(3)]
+    wall = np.stack(np.meshgrid(np.linspace(-4, 4, 81), np.linspace(-1, 1, 21), [20.0]), -1).reshape(-1, 3)
+    lone = np.array([[0.0, -8.0, 20.0]])  # above the wall: nobody else has depth there
+    hidden = np.array([[0.0, 0.0, 30.0]])  # behind the wall
+    frames = [np.concatenate([wall, lone, hidden]), wall, wall]
+    keep = transient_mask([torch.as_tensor(f, dtype=torch.float64) for f in frames], cams)
+    assert keep[0].all() and keep[1].all() and keep[2].all()
+    passing = np.array([[0.0, 0.0, 10.0]])
+    keep = transient_mask([torch.as_tensor(f, dtype=torch.float64) for f in (np.concatenate([wall, passing]), wall,
+                                                                              wall)], cams)
+    assert not keep[0][-1] and keep[0][:-1].all()
+
+
 def test_seed_ply_source_moves_to_the_project_frame_and_crops(tmp_path):
     folder = write_analytic_scene(tmp_path / "s", num_frames=2, seed_ply=True)
     rng = np.random.default_rng(0)

@@ -68,3 +68,53 @@ def test_too_many_sources_is_a_clear_error():
     kfs = _kfs([2] * 6)
     with pytest.raises(ConfigError, match="num_source_keyframes=7.*only 6 keyframes"):
         select_views(kfs, _seg(kfs), 7, 1, rng=None)
+
+
+@settings(max_examples=150, deadline=None)
+@given(sizes=st.lists(st.integers(1, 4), min_size=6, max_size=12), seed=st.integers(0, 10_000),
+       n_src=st.integers(1, 3), n_tgt=st.integers(1, 4), holdout=st.booleans())
+def test_near_selection_matches_evaluation(sizes, seed, n_src, n_tgt, holdout):
+    """The 'near' rule: sources are the input frames nearest to an anchor target (as the evaluation plan takes
+    them for a held-out frame), the targets the frames nearest to it; disjoint, each with its keyframe."""
+    from evolsplat_ns.data.eval_plan import nearest_sources
+    from evolsplat_ns.data.sampling import select_near
+
+    kfs = _kfs(sizes)
+    seg = _seg(kfs)
+    n = sum(sizes)
+    inputs = {t for t in range(n) if t % 2 == 0} if holdout else None
+    targets = {t for t in range(n) if t % 2 == 1} if holdout else None
+    if len(inputs or range(n)) < n_src + (0 if holdout else 1) or len(targets or range(n)) < n_tgt + (0 if holdout else n_src):
+        return
+    sel = select_near(kfs, seg, n_src, n_tgt, rng=np.random.default_rng(seed), input_frames=inputs,
+                      target_frames=targets)
+    assert len(sel.source_frames) == n_src and len(sel.target_frames) == n_tgt
+    assert not set(sel.source_frames) & set(sel.target_frames)
+    assert list(sel.source_frames) == sorted(sel.source_frames) and list(sel.target_frames) == sorted(sel.target_frames)
+    for kf, fr in zip(sel.source_keyframes + sel.target_keyframes, sel.source_frames + sel.target_frames):
+        assert kfs[kf].start <= fr < kfs[kf].stop
+    # some target's sources are exactly what evaluation would take for it (the anchor's)
+    assert any(nearest_sources(t, seg, n_src, inputs) == sel.source_frames for t in sel.target_frames)
+    # targets are the nearest frames around the anchor: a contiguous run of the allowed, non-source frames
+    allowed = [t for t in range(n) if (targets is None or t in targets) and t not in sel.source_frames]
+    pos = [allowed.index(t) for t in sel.target_frames]
+    assert pos == list(range(pos[0], pos[0] + n_tgt))
+    assert sel == select_near(kfs, seg, n_src, n_tgt, rng=np.random.default_rng(seed), input_frames=inputs,
+                              target_frames=targets)
+
+
+def test_near_selection_on_a_standing_car_stays_local():
+    """A car that waits: 40 frames in 4 keyframes. 'spread' takes sources up to the whole segment apart; 'near'
+    keeps sources and targets within a few frames of each other, as evaluation does."""
+    from evolsplat_ns.data.sampling import select_near
+
+    kfs = _kfs([10] * 4)
+    seg = _seg(kfs)
+    even = {t for t in range(40) if t % 2 == 0}
+    odd = set(range(40)) - even
+    for seed in range(20):
+        sel = select_near(kfs, seg, 3, 6, rng=np.random.default_rng(seed), input_frames=even, target_frames=odd)
+        frames = sel.source_frames + sel.target_frames
+        assert max(frames) - min(frames) <= 14
+    mid = select_near(kfs, seg, 3, 6, rng=None, input_frames=even, target_frames=odd)
+    assert min(mid.target_frames) <= 19 <= max(mid.target_frames)

@@ -29,7 +29,7 @@ from evolsplat_ns.data.errors import ConfigError, DataValidationError
 from evolsplat_ns.data.eval_plan import PlannedBatch, plan_scene
 from evolsplat_ns.data.ns_dataparser import EvolSplatDataParser, EvolSplatDataParserConfig
 from evolsplat_ns.data.records import SceneRecord
-from evolsplat_ns.data.sampling import ViewSelection, min_target_candidates, select_views
+from evolsplat_ns.data.sampling import ViewSelection, min_target_candidates, select_near, select_views
 from evolsplat_ns.data.scene_index import (
     IndexOptions,
     SceneIndex,
@@ -56,6 +56,11 @@ class EvolSplatDataManagerConfig(DataManagerConfig):
     """Target keyframes per batch (one frame each, all cameras): the supervised views."""
     targets_include_sources: bool = False
     """Allow source frames as targets (default: novel-view supervision only)."""
+    view_selection: Literal["near", "spread"] = "near"
+    """Training batches: 'near' = a random anchor frame, its nearest input frames as sources and the frames nearest to
+    it as targets, as evaluation reconstructs each held-out frame from its nearest inputs; 'spread' = the design
+    document's source keyframes spread over the segment and targets anywhere in it (sources and targets up to a
+    segment, ~20 m, apart). See evolsplat_ns.data.sampling."""
     keyframe_min_length: float = 2.0
     """A keyframe is a slice of at least this many metres of the front camera's trajectory ..."""
     keyframe_min_count: int = 1
@@ -247,9 +252,12 @@ class EvolSplatDataManager(DataManager):
         return self._input_frames[scene_id]
 
     # ----------------------------------------------------------------------------------------------- batches
-    def select(self, scene_id: int, segment_id: int, rng: Optional[np.random.Generator]) -> ViewSelection:
+    def select(self, scene_id: int, segment_id: int, rng: Optional[np.random.Generator],
+               rule: Optional[str] = None) -> ViewSelection:
+        """Sources and targets of one batch by ``rule`` (default: ``view_selection``); ``rng=None``: fixed."""
         idx = self.index[scene_id]
-        return select_views(
+        rule = select_near if (rule or self.config.view_selection) == "near" else select_views
+        return rule(
             idx.keyframes,
             idx.segments[segment_id],
             self.config.num_source_keyframes,
@@ -296,7 +304,7 @@ class EvolSplatDataManager(DataManager):
     def eval_batch(self, scene_id: int, segment_id: int) -> SegmentBatch:
         """The fixed (deterministic) display batch of one segment: sources spread over the segment (the viewer's
         reconstruction; evaluation scores through :meth:`eval_plan` instead)."""
-        return self.make_batch(scene_id, segment_id, self.select(scene_id, segment_id, None), True)
+        return self.make_batch(scene_id, segment_id, self.select(scene_id, segment_id, None, rule="spread"), True)
 
     def _make_eval_plan(self) -> List[PlannedBatch]:
         c = self.config

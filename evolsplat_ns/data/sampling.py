@@ -1,9 +1,17 @@
 """Which views of a segment are the network's input (sources) and which supervise it (targets).
 
-Kept apart from file reading (``views.py``) and from the model, as in MVSplat. A selection picks
-``num_source_keyframes`` keyframes spread over the segment and ``num_target_keyframes`` others, one frame from
-each; every camera of a chosen frame is used (frame-major, then camera). Targets are frames other than the
-sources unless ``targets_include_sources``.
+Kept apart from file reading (``views.py``) and from the model, as in MVSplat. Every camera of a chosen frame is
+used (frame-major, then camera). Targets are frames other than the sources unless ``targets_include_sources``. Two
+rules (``DataManagerConfig.view_selection``):
+
+* ``"spread"`` (the design document's): ``num_source_keyframes`` keyframes spread over the segment (one per stratum
+  of consecutive keyframes) and ``num_target_keyframes`` others anywhere in it, one frame from each. Sources and
+  targets can lie a whole segment (~20 m) apart.
+* ``"near"`` (:func:`select_near`): an anchor frame, its nearest input frames as the sources and the frames nearest
+  to it as the targets: what evaluation asks of the network (:mod:`evolsplat_ns.data.eval_plan` reconstructs each
+  held-out frame from the input frames nearest to it), so training and evaluation see the same source-to-target
+  distances. On a real street a segment's far targets show other cars and other occlusions than its sources; the
+  spread rule then rewards a blur (docs/REAL_DATA.md).
 
 Training selections are random but a pure function of ``(seed, step)``; evaluation selections (``rng=None``)
 are fixed: the middle of each stratum, evenly spaced targets.
@@ -106,6 +114,55 @@ def select_views(
     tgt_kf = [kfs[p].index for p in chosen]
     tgt_fr = [_pick(allowed_targets(kfs[p]), rng) for p in chosen]
     return ViewSelection(tuple(src_kf), tuple(src_fr), tuple(tgt_kf), tuple(tgt_fr))
+
+
+def select_near(
+    keyframes: Sequence[Keyframe],
+    segment: Segment,
+    num_source_frames: int,
+    num_target_frames: int,
+    rng: Optional[np.random.Generator] = None,
+    input_frames: Optional[AbstractSet[int]] = None,
+    target_frames: Optional[AbstractSet[int]] = None,
+    targets_include_sources: bool = False,
+) -> ViewSelection:
+    """Sources and targets around one anchor frame of ``segment`` (the ``"near"`` rule of the module docstring).
+
+    The anchor is a random target candidate (``rng``), or the middle one (``rng=None``). Sources: the
+    ``num_source_frames`` input frames nearest to the anchor (ties: the earlier frame; the anchor itself only with
+    ``targets_include_sources``). Targets: the ``num_target_frames`` target candidates nearest to the anchor, the
+    anchor first (ties: the earlier frame). Frames, not keyframes, are counted, so a keyframe may give several; each
+    list is in time order, with each frame's keyframe beside it.
+    """
+    where = f"scene {segment.scene_id} segment {segment.segment_id}"
+    if num_source_frames < 1 or num_target_frames < 1:
+        raise ConfigError("num_source_keyframes and num_target_keyframes must be >= 1")
+    keyframe_of = {t: i for i in segment.keyframe_indices for t in keyframes[i].frame_indices}
+    frames = [t for t in segment.frame_indices if t in keyframe_of]
+    inputs = [t for t in frames if input_frames is None or t in input_frames]
+    allowed = [t for t in frames if target_frames is None or t in target_frames]
+    need = num_source_frames + (0 if targets_include_sources else 1)
+    if len(inputs) < num_source_frames or not allowed:
+        raise ConfigError(f"{where}: num_source_keyframes={num_source_frames} needs that many input frames and one "
+                          f"target frame; the segment has {len(inputs)} input and {len(allowed)} target frames")
+    # an anchor whose neighbourhood can hold the sources without it (unless sources may be targets)
+    anchors = [t for t in allowed if sum(1 for s in inputs if targets_include_sources or s != t) >= num_source_frames]
+    if not anchors:
+        raise ConfigError(f"{where}: no target frame leaves {need - 1} other input frames as sources")
+    anchor = _pick(anchors, rng)
+
+    def nearest(cands: Sequence[int], n: int) -> List[int]:
+        return sorted(cands, key=lambda t: (abs(t - anchor), t))[:n]
+
+    src = sorted(nearest([t for t in inputs if targets_include_sources or t != anchor], num_source_frames))
+    cands = [t for t in allowed if targets_include_sources or t not in src]
+    if len(cands) < num_target_frames:
+        raise ConfigError(
+            f"{where}: num_target_keyframes={num_target_frames} but only {len(cands)} frames are not sources; lower "
+            f"num_target_keyframes or set targets_include_sources"
+        )
+    tgt = sorted(nearest(cands, num_target_frames))
+    return ViewSelection(tuple(keyframe_of[t] for t in src), tuple(src), tuple(keyframe_of[t] for t in tgt), tuple(tgt))
 
 
 def min_target_candidates(keyframes: Sequence[Keyframe], segment: Segment, num_source_keyframes: int,

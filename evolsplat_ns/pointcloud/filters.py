@@ -23,13 +23,13 @@ import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from evolsplat_ns.cameras import project_points
-from evolsplat_ns.data.records import SKY_0_IS_SKY, SKY_255_IS_SKY, SKY_LABEL_10_IS_SKY
+from evolsplat_ns.cameras import project_points, rigid_inverse
+from evolsplat_ns.data.records import ImageRecord, SKY_0_IS_SKY, SKY_255_IS_SKY, SKY_LABEL_10_IS_SKY
 from evolsplat_ns.pointcloud.options import PointCloudOptions, as_box
 from evolsplat_ns.pointcloud.plyio import open3d_module
 
@@ -137,6 +137,119 @@ def depth_consistency_mask(
     diff = np.abs(z[measurable] - d_ref[measurable])
     keep[measurable] = diff <= diff.mean()
     return keep
+
+
+def project_to_pixels(points: torch.Tensor, recs: Sequence[ImageRecord]) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """Pixel column, row (``floor`` of the projection: pixel ``(row, col)`` covers ``[col, col+1) x [row, row+1)``)
+    and depth of world points in each camera, each ``[V, N]`` float64.
+
+    Written out element by element in float64 (no matrix products), so that every device computes the same pixels
+    (the clouds, and so the cache entries, do not depend on the backend). ``points``: ``[N, 3]`` float64.
+    """
+    dev = points.device
+    w2c = torch.as_tensor(rigid_inverse(np.stack([np.asarray(r.c2w, dtype=np.float64) for r in recs])),
+                          dtype=torch.float64, device=dev)  # [V, 4, 4]
+    K = torch.as_tensor(np.stack([np.asarray(r.K, dtype=np.float64)[:3, :3] for r in recs]), dtype=torch.float64,
+                        device=dev)
+    x, y, z0 = points[:, 0][None], points[:, 1][None], points[:, 2][None]  # [1, N]
+
+    def row(i: int) -> torch.Tensor:  # [V, N] camera coordinate i
+        return w2c[:, i, 0, None] * x + w2c[:, i, 1, None] * y + w2c[:, i, 2, None] * z0 + w2c[:, i, 3, None]
+
+    cx, cy, z = row(0), row(1), row(2)
+    zs = torch.where(z.abs() < 1e-8, torch.full_like(z, 1e-8), z)
+    xn, yn = cx / zs, cy / zs
+    u = K[:, 0, 0, None] * xn + K[:, 0, 1, None] * yn + K[:, 0, 2, None]
+    v = K[:, 1, 1, None] * yn + K[:, 1, 2, None]
+    return torch.floor(u), torch.floor(v), z
+
+
+TRANSIENT_CELLS = 240
+"""Free-space test grid: about this many cells across each image (4 px at 960 px wide)."""
+TRANSIENT_MAX_REFERENCES = 16
+"""Reference frames of the free-space test (evenly spread over the segment's frames; all when fewer)."""
+
+
+def transient_mask(
+    frame_points: Sequence[torch.Tensor],
+    frame_cameras: Sequence[Sequence[ImageRecord]],
+    margin: float = 0.5,
+    relative_margin: float = 0.05,
+    min_fraction: float = 0.5,
+    max_references: int = TRANSIENT_MAX_REFERENCES,
+    cells: int = TRANSIENT_CELLS,
+) -> List[torch.Tensor]:
+    """Which points of a multi-frame scan (LiDAR sweeps) belong to the static scene: a free-space test.
+
+    A point of frame ``t`` is *seen through* at another frame ``j`` when, in a camera of frame ``j``, the nearest
+    point of frame ``j``'s own scan around its pixel lies farther than the point by more than ``margin +
+    relative_margin * z``: at time ``j`` the camera looked through where the point was, so it was not there (a car
+    that drove on, a pedestrian). The nearest depth per cell of a coarse grid (``cells`` across the image) is taken
+    over the 3x3 neighbouring cells, so that depth edges and the gaps between scan lines do not count as free space.
+    The point is *observed* at ``j`` when frame ``j`` has a depth there at all; its own frame always observes it.
+    A point is dropped when it is seen through in at least ``min_fraction`` of the frames that observe it: what is
+    there most of the segment's time stays (a car parked throughout), what passes is removed. Accumulating the
+    sweeps of a whole segment (seconds of driving) otherwise leaves every passing car as a trail of points that
+    hides the road in the frames where the car is gone (docs/REAL_DATA.md).
+
+    Args:
+        frame_points: per frame ``[N_t, 3]`` float64 world points (project frame), on the device of the work.
+        frame_cameras: per frame its cameras (``c2w``, ``K``, ``width``, ``height``).
+        max_references: frames tested against (evenly spread; every frame when there are at most this many).
+
+    Returns:
+        per frame ``[N_t]`` bool, True = keep.
+    """
+    n_frames = len(frame_points)
+    if n_frames < 2:
+        return [torch.ones(len(p), dtype=torch.bool, device=p.device) for p in frame_points]
+    dev = frame_points[0].device
+    pts = torch.cat(list(frame_points))
+    owner = torch.cat([torch.full((len(p),), i, dtype=torch.int64, device=dev) for i, p in enumerate(frame_points)])
+    refs = np.unique(np.round(np.linspace(0, n_frames - 1, min(n_frames, max_references))).astype(np.int64))
+    observed = torch.zeros(len(pts), dtype=torch.int32, device=dev)
+    through = torch.zeros(len(pts), dtype=torch.int32, device=dev)
+    for j in refs.tolist():
+        obs_j = torch.zeros(len(pts), dtype=torch.bool, device=dev)
+        thr_j = torch.zeros(len(pts), dtype=torch.bool, device=dev)
+        for rec in frame_cameras[j]:
+            nearest = _cell_depth(frame_points[j], rec, cells)
+            gh, gw = nearest.shape
+            s = _cell_size(rec, cells)
+            col, row, z = (a[0] for a in project_to_pixels(pts, [rec]))
+            inside = (z > 0) & (col >= 0) & (col < rec.width) & (row >= 0) & (row < rec.height)
+            cell = torch.where(inside, (row // s).clamp(0, gh - 1) * gw + (col // s).clamp(0, gw - 1),
+                               torch.zeros_like(row)).to(torch.int64)
+            d = nearest.reshape(-1)[cell]
+            seen = inside & torch.isfinite(d)
+            obs_j |= seen
+            thr_j |= seen & (d > z + margin + relative_margin * z)
+        own = owner == j
+        observed += (obs_j & ~own).to(torch.int32)
+        through += (thr_j & ~own).to(torch.int32)
+    observed += 1  # its own frame, where the point is by definition
+    drop = (through > 0) & (through.to(torch.float64) >= min_fraction * observed.to(torch.float64))
+    keep = ~drop
+    return list(torch.split(keep, [len(p) for p in frame_points]))
+
+
+def _cell_size(rec: ImageRecord, cells: int) -> int:
+    return max(1, int(np.ceil(int(rec.width) / cells)))
+
+
+def _cell_depth(points: torch.Tensor, rec: ImageRecord, cells: int) -> torch.Tensor:
+    """``[gh, gw]`` float64: the nearest depth of ``points`` in each cell of camera ``rec``'s grid, then the minimum
+    over the 3x3 neighbouring cells (``inf`` where there is none)."""
+    s = _cell_size(rec, cells)
+    gh, gw = -(-int(rec.height) // s), -(-int(rec.width) // s)
+    col, row, z = (a[0] for a in project_to_pixels(points, [rec]))
+    inside = (z > 0) & (col >= 0) & (col < rec.width) & (row >= 0) & (row < rec.height)
+    cell = ((row[inside] // s) * gw + col[inside] // s).to(torch.int64)
+    grid = torch.full((gh * gw,), torch.inf, dtype=torch.float64, device=points.device)
+    grid.scatter_reduce_(0, cell, z[inside], reduce="amin", include_self=True)
+    grid = -torch.nn.functional.max_pool2d(-grid.reshape(1, 1, gh, gw), 3, stride=1, padding=1)
+    return grid.reshape(gh, gw)
 
 
 # ----------------------------------------------------------------------------------------------------------------

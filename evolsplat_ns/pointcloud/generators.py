@@ -18,7 +18,7 @@ never read. Sources:
 this order (each stage adds to the previous ones), with a warning naming the stage that worked:
 
 1. as configured;
-2. without the depth-consistency check;
+2. without the depth-consistency check (and the LiDAR free-space test);
 3. without the sky filter;
 4. without the boxes (no crop, whole-cloud treatment);
 5. with sparsity ``full`` (every *allowed* input frame of the segment).
@@ -84,7 +84,7 @@ class GenerationReport:
     fallbacks: List[str] = field(default_factory=list)
     stages: Dict[str, float] = field(default_factory=dict)
     """Seconds per stage (every fallback stage tried included): ``read`` (waiting for the reader threads: files,
-    decoding), ``colour`` (LiDAR: host-to-device copies and colouring), ``depth maps`` (depth generator: reading,
+    decoding), ``colour`` (LiDAR: host-to-device copies and colouring), ``free space`` (LiDAR: moving objects), ``depth maps`` (depth generator: reading,
     unprojection, consistency), ``crop``, ``outlier removal``, ``down-sampling``, ``subsample``, ``to host``."""
     backend: str = ""
     device: str = ""
@@ -183,10 +183,10 @@ def prefetch_ordered(fn: Callable[[_T], _R], items: Iterable[_T], workers: Optio
 
 _FALLBACKS: Tuple[Tuple[str, Dict[str, object]], ...] = (
     ("as configured", {}),
-    ("without depth consistency", {"depth_consistency": False}),
-    ("without sky filter", {"depth_consistency": False, "filter_sky": False}),
-    ("without boxes", {"depth_consistency": False, "filter_sky": False, "use_bbx": False}),
-    ("all allowed input frames", {"depth_consistency": False, "filter_sky": False, "use_bbx": False,
+    ("without depth consistency", {"depth_consistency": False, "lidar_free_space": False}),
+    ("without sky filter", {"depth_consistency": False, "lidar_free_space": False, "filter_sky": False}),
+    ("without boxes", {"depth_consistency": False, "lidar_free_space": False, "filter_sky": False, "use_bbx": False}),
+    ("all allowed input frames", {"depth_consistency": False, "lidar_free_space": False, "filter_sky": False, "use_bbx": False,
                                   "sparsity": "full"}),
 )
 
@@ -269,7 +269,7 @@ class RGBPointCloudGenerator(abc.ABC):
         for stage, changes in _FALLBACKS:
             opts = self.options.replace(**changes)
             frames = self.frames_for(scene, segment, input_frames, opts)
-            sig = (tuple(frames), opts.depth_consistency, opts.filter_sky, opts.use_bbx)
+            sig = (tuple(frames), opts.depth_consistency, opts.lidar_free_space, opts.filter_sky, opts.use_bbx)
             if sig in seen:
                 continue
             seen.add(sig)
@@ -466,21 +466,8 @@ def colour_points_from_images(
     n = int(points.shape[0])
     if n == 0 or not recs:
         return torch.zeros(n, dtype=torch.bool, device=dev), torch.zeros((0, 3), dtype=torch.float32, device=dev)
-    w2c = torch.as_tensor(rigid_inverse(np.stack([np.asarray(r.c2w, dtype=np.float64) for r in recs])),
-                          dtype=torch.float64, device=dev)  # [V, 4, 4]
-    K = torch.as_tensor(np.stack([np.asarray(r.K, dtype=np.float64)[:3, :3] for r in recs]), dtype=torch.float64,
-                        device=dev)
+    col, rw, z = filters.project_to_pixels(points, recs)
     x, y, z0 = points[:, 0][None], points[:, 1][None], points[:, 2][None]  # [1, N]
-
-    def row(i: int) -> torch.Tensor:  # [V, N] camera coordinate i
-        return w2c[:, i, 0, None] * x + w2c[:, i, 1, None] * y + w2c[:, i, 2, None] * z0 + w2c[:, i, 3, None]
-
-    cx, cy, z = row(0), row(1), row(2)
-    zs = torch.where(z.abs() < 1e-8, torch.full_like(z, 1e-8), z)
-    xn, yn = cx / zs, cy / zs
-    u = K[:, 0, 0, None] * xn + K[:, 0, 1, None] * yn + K[:, 0, 2, None]
-    v = K[:, 1, 1, None] * yn + K[:, 1, 2, None]
-    col, rw = torch.floor(u), torch.floor(v)
     W = torch.tensor([float(r.width) for r in recs], dtype=torch.float64, device=dev)[:, None]
     H = torch.tensor([float(r.height) for r in recs], dtype=torch.float64, device=dev)[:, None]
     sees = (z > 0) & (col >= 0) & (col < W) & (rw >= 0) & (rw < H)  # [V, N]
@@ -504,7 +491,9 @@ def colour_points_from_images(
 
 class LidarRGBPointCloudGenerator(RGBPointCloudGenerator):
     """LiDAR sweeps of the segment's input frames, coloured by the frame's images (nearest camera that sees the
-    point); points seen by no camera are dropped. ``depth_consistency`` and ``downscale`` do not apply."""
+    point); points seen by no camera are dropped. With ``lidar_free_space``, points that other frames' cameras see
+    through (moving cars, pedestrians: :func:`filters.transient_mask`) are dropped too. ``depth_consistency`` and
+    ``downscale`` do not apply."""
 
     name = "lidar"
 
@@ -538,12 +527,13 @@ class LidarRGBPointCloudGenerator(RGBPointCloudGenerator):
 
         frames_read = prefetch_ordered(read, frames)
         with _torch_threads(1 if device.type == "cpu" and READ_WORKERS > 1 else None):
-            return self._colour_all(frames_read, device, self._timer)
+            return self._colour_all(frames_read, device, self._timer, opts.lidar_free_space)
 
     @staticmethod
-    def _colour_all(frames_read, device, timer):
-        """Each frame (as the readers deliver them) onto the device and coloured; the frames' points concatenated."""
-        pts_all, cols_all = [], []
+    def _colour_all(frames_read, device, timer, static_only: bool = False):
+        """Each frame (as the readers deliver them) onto the device and coloured; with ``static_only`` the points
+        that other frames see through are dropped; the frames' points concatenated."""
+        pts_all, cols_all, recs_all = [], [], []
         while True:
             with timer("read"):  # what the reader threads have not hidden
                 item = next(frames_read, None)
@@ -557,6 +547,12 @@ class LidarRGBPointCloudGenerator(RGBPointCloudGenerator):
                 keep, cols = colour_points_from_images(p, recs, imgs, masks)
                 pts_all.append(p[keep])
                 cols_all.append(cols)
+                recs_all.append(recs)
+        if static_only and pts_all:
+            with timer("free space"):
+                keeps = filters.transient_mask(pts_all, recs_all)
+                pts_all = [p[k] for p, k in zip(pts_all, keeps)]
+                cols_all = [c[k] for c, k in zip(cols_all, keeps)]
         with timer("colour"):
             return torch.cat(pts_all).to(torch.float32), torch.cat(cols_all)
 

@@ -84,7 +84,8 @@ def test_near_selection_matches_evaluation(sizes, seed, n_src, n_tgt, holdout):
     n = sum(sizes)
     inputs = {t for t in range(n) if t % 2 == 0} if holdout else None
     targets = {t for t in range(n) if t % 2 == 1} if holdout else None
-    if len(inputs or range(n)) < n_src + (0 if holdout else 1) or len(targets or range(n)) < n_tgt + (0 if holdout else n_src):
+    n_in, n_out = len(inputs or range(n)), len(targets or range(n))
+    if n_in < n_src + (0 if holdout else 1) or n_out < n_tgt + (0 if holdout else n_src):
         return
     sel = select_near(kfs, seg, n_src, n_tgt, rng=np.random.default_rng(seed), input_frames=inputs,
                       target_frames=targets)

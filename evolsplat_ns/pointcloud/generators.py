@@ -84,8 +84,8 @@ class GenerationReport:
     fallbacks: List[str] = field(default_factory=list)
     stages: Dict[str, float] = field(default_factory=dict)
     """Seconds per stage (every fallback stage tried included): ``read`` (waiting for the reader threads: files,
-    decoding), ``colour`` (LiDAR: host-to-device copies and colouring), ``free space`` (LiDAR: moving objects), ``depth maps`` (depth generator: reading,
-    unprojection, consistency), ``crop``, ``outlier removal``, ``down-sampling``, ``subsample``, ``to host``."""
+    decoding), ``colour`` (LiDAR: host-to-device copies and colouring), ``free space`` (LiDAR: moving objects),
+    ``depth maps`` (depth generator: reading, unprojection, consistency), ``crop``, ``outlier removal``, ``down-sampling``, ``subsample``, ``to host``."""
     backend: str = ""
     device: str = ""
 
@@ -186,8 +186,8 @@ _FALLBACKS: Tuple[Tuple[str, Dict[str, object]], ...] = (
     ("without depth consistency", {"depth_consistency": False, "lidar_free_space": False}),
     ("without sky filter", {"depth_consistency": False, "lidar_free_space": False, "filter_sky": False}),
     ("without boxes", {"depth_consistency": False, "lidar_free_space": False, "filter_sky": False, "use_bbx": False}),
-    ("all allowed input frames", {"depth_consistency": False, "lidar_free_space": False, "filter_sky": False, "use_bbx": False,
-                                  "sparsity": "full"}),
+    ("all allowed input frames", {"depth_consistency": False, "lidar_free_space": False, "filter_sky": False,
+                                  "use_bbx": False, "sparsity": "full"}),
 )
 
 

@@ -1,3 +1,8 @@
+#!/usr/bin/env bash
+# On the GPU machine: the 480x270 A/B of docs/BENCHMARKS.md ("Real data"): spread vs near training batches, and the
+# LiDAR free-space filter, trained side by side (TRAIN_S seconds each, default 200), scored at their common step,
+# then splatfacto 30 s. Carry .whl and .gpu_data/ab (scripts/gpu/pack_pandaset.py pack ... --downscale 4
+# --quality 85 --every 8 --radius 50 --cameras front front_left front_right). Results under $OUT.
 set -x
 source scripts/gpu/env.sh
 nvidia-smi --query-gpu=name,memory.used --format=csv

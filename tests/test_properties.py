@@ -154,6 +154,7 @@ def dm_options(draw):
         segment_order=draw(st.sampled_from(["random", "sequential"])),
         scene_order=draw(st.sampled_from(["random", "sequential"])),
         seed=draw(st.integers(0, 1000)),
+        view_selection=draw(st.sampled_from(["near", "spread"])),
     )
 
 
@@ -204,8 +205,9 @@ def test_batch_composition(root, opts, steps):
         _, b = dm.next_train(step)
         scene, seg = dm.scenes[b.scene_id], dm.segment(b.scene_id, b.segment_id)
         assert b.scene_id in dm.train_scene_ids
-        src = _check_views(dm, scene, seg, b.source, opts["num_source_keyframes"])
-        tgt = _check_views(dm, scene, seg, b.target, opts["num_target_keyframes"])
+        spread = opts["view_selection"] == "spread"  # one frame per keyframe; 'near' counts frames
+        src = _check_views(dm, scene, seg, b.source, opts["num_source_keyframes"], distinct=spread)
+        tgt = _check_views(dm, scene, seg, b.target, opts["num_target_keyframes"], distinct=spread)
         if not opts["targets_include_sources"]:
             assert not src & tgt
     scored = []

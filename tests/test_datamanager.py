@@ -9,7 +9,7 @@ import torch
 
 from evolsplat_ns.data.batch import SegmentBatch
 from evolsplat_ns.data.datamanager import EvolSplatDataManagerConfig
-from evolsplat_ns.data.errors import ConfigError, DataValidationError
+from evolsplat_ns.errors import ConfigError, DataValidationError
 from scene_fixtures import write_root, write_scene
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from evolsplat_ns.cameras import opencv_to_opengl, opengl_to_opencv
 from evolsplat_ns.data.dataparser import find_scene_dirs, load_scenes, parse_scene, split_scene_ids
-from evolsplat_ns.data.errors import DataValidationError
+from evolsplat_ns.errors import DataValidationError
 from scene_fixtures import camera_pose, write_root, write_scene
 
 

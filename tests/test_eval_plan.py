@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evolsplat_ns.data.datamanager import EvolSplatDataManagerConfig
-from evolsplat_ns.data.errors import ConfigError
+from evolsplat_ns.errors import ConfigError
 from evolsplat_ns.data.eval_plan import plan_scene
 from evolsplat_ns.data.ns_dataparser import EvolSplatDataParserConfig
 from evolsplat_ns.data.scene_index import Segment, window_starts

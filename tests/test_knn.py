@@ -14,7 +14,7 @@ from sklearn.neighbors import NearestNeighbors
 from test_pointcloud import PLAIN, segment_of, write_analytic_scene
 
 from evolsplat_ns.data.dataparser import parse_scene
-from evolsplat_ns.data.errors import ConfigError
+from evolsplat_ns.errors import ConfigError
 from evolsplat_ns.pointcloud import filters, knn, plyio
 from evolsplat_ns.pointcloud.cache import PointCloudCache, build_all, config_hash
 from evolsplat_ns.pointcloud.generators import make_generator, prefetch_ordered
@@ -246,7 +246,7 @@ def test_lidar_colouring_rejects_an_image_of_another_size(tmp_path):
     is one error line naming the file."""
     from PIL import Image
 
-    from evolsplat_ns.data.errors import DataValidationError
+    from evolsplat_ns.errors import DataValidationError
 
     scene = parse_scene(write_analytic_scene(tmp_path / "s", num_frames=2), 0)
     scene.metadata["lidar_loader"] = lambda t: np.array([[0.0, 1.5, 8.0]])

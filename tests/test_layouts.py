@@ -23,7 +23,7 @@ from evolsplat_ns.cameras import (
     rigid_inverse,
     unproject_depth,
 )
-from evolsplat_ns.data.errors import ConfigError, DataValidationError
+from evolsplat_ns.errors import ConfigError, DataValidationError
 from evolsplat_ns.data.layouts import (
     LayoutOptions,
     detect_layout,

@@ -13,7 +13,7 @@ from PIL import Image
 
 from evolsplat_ns.cameras import opencv_to_opengl
 from evolsplat_ns.data.dataparser import parse_scene
-from evolsplat_ns.data.errors import ConfigError
+from evolsplat_ns.errors import ConfigError
 from evolsplat_ns.data.records import SKY_0_IS_SKY, SKY_255_IS_SKY
 from evolsplat_ns.data.scene_index import Segment
 from evolsplat_ns.pointcloud import filters, plyio

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from evolsplat_ns.cameras import opencv_to_opengl, opengl_to_opencv, rigid_inverse
 from evolsplat_ns.data.dataparser import parse_scene
-from evolsplat_ns.data.errors import ConfigError, DataValidationError
+from evolsplat_ns.errors import ConfigError, DataValidationError
 from scene_fixtures import write_root
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

@@ -25,7 +25,7 @@ from PIL import Image
 
 from evolsplat_ns.data.dataparser import parse_scene
 from evolsplat_ns.data.depth_check import check_depth_values
-from evolsplat_ns.data.errors import CheckpointError, DataValidationError
+from evolsplat_ns.errors import CheckpointError, DataValidationError
 from evolsplat_ns.engine.checkpoint import check_checkpoint, resolve_checkpoint, summarize_load_error
 from scene_fixtures import write_root, write_scene
 
@@ -135,8 +135,8 @@ def test_degenerate_intrinsics(tmp_path, key, value):
 
 # ------------------------------------------------------------------------------------------------ CLI one-liners
 def test_run_cli_turns_an_empty_point_cloud_into_one_line(capsys):
-    from evolsplat_ns.cli.common import run_cli
-    from evolsplat_ns.pointcloud.generators import EmptyPointCloudError
+    from evolsplat_ns.errors import run_cli
+    from evolsplat_ns.errors import EmptyPointCloudError
 
     def boom():
         raise EmptyPointCloudError("scene 0 (s) segment 3: the depth point cloud is empty after every fallback")
@@ -151,7 +151,7 @@ def test_run_cli_turns_an_empty_point_cloud_into_one_line(capsys):
 
 
 def test_one_line_errors_only_inside_nerfstudio_commands(monkeypatch, capsys):
-    from evolsplat_ns.cli.common import VERBOSE_ENV, one_line_errors_in_nerfstudio_commands
+    from evolsplat_ns.errors import VERBOSE_ENV, one_line_errors_in_nerfstudio_commands
 
     err = DataValidationError("/d/scene/transforms.json", "frames", "a non-empty list of frames")
     with pytest.raises(DataValidationError):  # pytest is not a nerfstudio command: the exception passes

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evolsplat_ns.data.errors import ConfigError
+from evolsplat_ns.errors import ConfigError
 from evolsplat_ns.data.sampling import select_views
 from evolsplat_ns.data.scene_index import Segment
 from scene_fixtures import keyframes_of

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from evolsplat_ns.data.errors import ConfigError
+from evolsplat_ns.errors import ConfigError
 from evolsplat_ns.data.scheduler import SegmentScheduler
 
 SEGS = {0: [0, 1, 2], 3: [0, 1], 5: [0, 1, 2, 3]}

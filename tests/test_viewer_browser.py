@@ -177,7 +177,7 @@ def test_viewer_refresh_during_training(data_root, tmp_path):
 
         def step_hook(step):
             if step == 2:  # after two steps that followed training, a segment is picked in the dropdown
-                seen.update(display=pipe.ff_model._display[1], drawn=cams.key, draws=cams.draws,
+                seen.update(display=pipe.ff_model.displayed_segment, drawn=cams.key, draws=cams.draws,
                             handles=len(cams._handles),
                             hidden=all(not h.visible for h in trainer.viewer_state.camera_handles.values()))
                 dd.value = label
@@ -191,7 +191,7 @@ def test_viewer_refresh_during_training(data_root, tmp_path):
         assert seen["hidden"]  # nerfstudio's own training-camera frustums are hidden once ours are drawn
         # picked at step 2 (shown at once), then refreshed at steps 3 and 6
         assert [s[1:] for s in shows] == [key] * 3, shows
-        assert pipe.ff_model._display[1] == key and cams.key == key
+        assert pipe.ff_model.displayed_segment == key and cams.key == key
         draws = cams.draws
         pipe.show_segment = show
         pipe.show_segment(*key)  # a refresh of the same segment does not redraw its cameras

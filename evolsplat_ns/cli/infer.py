@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 
 import tyro
 
-from evolsplat_ns.cli.common import run_cli
+from evolsplat_ns.errors import run_cli
 
 
 @dataclass
@@ -51,7 +51,7 @@ def infer(args: InferArgs) -> Dict[str, object]:
     from nerfstudio.utils.eval_utils import eval_setup
 
     from evolsplat_ns.atomic import write_atomic
-    from evolsplat_ns.data.errors import ConfigError, DataValidationError
+    from evolsplat_ns.errors import ConfigError, DataValidationError
     from evolsplat_ns.data.layouts import find_layout_scenes
     from evolsplat_ns.export.ply import write_gaussian_ply
     from evolsplat_ns.pipeline.evaluation import evaluate

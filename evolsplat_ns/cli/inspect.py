@@ -13,7 +13,7 @@ from typing import Dict, Optional
 
 import tyro
 
-from evolsplat_ns.cli.common import run_cli
+from evolsplat_ns.errors import run_cli
 from evolsplat_ns.data.datamanager import EvolSplatDataManagerConfig
 
 

@@ -25,7 +25,7 @@ from torch.nn import Parameter
 
 from evolsplat_ns.cameras import to_nerfstudio_cameras
 from evolsplat_ns.data.batch import SegmentBatch
-from evolsplat_ns.data.errors import ConfigError, DataValidationError
+from evolsplat_ns.errors import ConfigError, DataValidationError
 from evolsplat_ns.data.eval_plan import PlannedBatch, plan_scene
 from evolsplat_ns.data.ns_dataparser import EvolSplatDataParser, EvolSplatDataParserConfig
 from evolsplat_ns.data.records import SceneRecord

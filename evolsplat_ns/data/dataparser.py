@@ -21,7 +21,7 @@ import numpy as np
 
 from evolsplat_ns.cameras import intrinsics_matrix, opengl_to_opencv, rigid_inverse
 from evolsplat_ns.data.depth_check import NON_FINITE_DEPTH_KEY
-from evolsplat_ns.data.errors import DataValidationError
+from evolsplat_ns.errors import DataValidationError
 from evolsplat_ns.data.records import SKY_0_IS_SKY, SKY_255_IS_SKY, ImageRecord, SceneRecord
 
 logger = logging.getLogger(__name__)

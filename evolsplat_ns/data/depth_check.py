@@ -18,7 +18,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from evolsplat_ns.data.errors import DataValidationError
+from evolsplat_ns.errors import DataValidationError
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple
 
-from evolsplat_ns.data.errors import ConfigError
+from evolsplat_ns.errors import ConfigError
 from evolsplat_ns.data.sampling import ViewSelection
 from evolsplat_ns.data.scene_index import Keyframe, Segment
 

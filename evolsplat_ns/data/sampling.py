@@ -24,7 +24,7 @@ from typing import AbstractSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from evolsplat_ns.data.errors import ConfigError
+from evolsplat_ns.errors import ConfigError
 from evolsplat_ns.data.scene_index import Keyframe, Segment
 
 

@@ -20,7 +20,7 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 
-from evolsplat_ns.data.errors import ConfigError
+from evolsplat_ns.errors import ConfigError
 
 Order = Literal["random", "sequential"]
 Partition = Literal["segment", "scene"]

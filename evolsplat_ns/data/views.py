@@ -19,7 +19,7 @@ import torch
 from evolsplat_ns.cameras import k_to_4x4
 from evolsplat_ns.data.batch import Views
 from evolsplat_ns.data.depth_check import depth_policy
-from evolsplat_ns.data.errors import DataValidationError
+from evolsplat_ns.errors import DataValidationError
 from evolsplat_ns.data.records import SceneRecord
 
 logger = logging.getLogger(__name__)

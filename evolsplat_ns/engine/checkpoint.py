@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-from evolsplat_ns.data.errors import CheckpointError
+from evolsplat_ns.errors import CheckpointError
 
 CKPT_RE = re.compile(r"^step-(\d+)\.ckpt$")
 REQUIRED_KEYS = ("step", "pipeline", "optimizers", "scalers")

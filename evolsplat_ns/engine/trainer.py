@@ -27,7 +27,7 @@ from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from evolsplat_ns.cli.common import one_line_errors_in_nerfstudio_commands
+from evolsplat_ns.errors import one_line_errors_in_nerfstudio_commands
 from evolsplat_ns.engine.checkpoint import check_checkpoint, resolve_checkpoint
 
 
@@ -61,8 +61,8 @@ class EvolSplatTrainer(Trainer):
             return super()._load_checkpoint()  # nothing to load: nerfstudio says "training from scratch"
         state: Dict[str, Any] = check_checkpoint(path, mmap=False)  # the one full read
         self._start_step = int(state["step"]) + 1
-        if hasattr(self.pipeline, "_checkpoint_path"):
-            self.pipeline._checkpoint_path = path  # named in the pipeline's error if the weights do not fit
+        if hasattr(self.pipeline, "checkpoint_path"):
+            self.pipeline.checkpoint_path = path  # named in the pipeline's error if the weights do not fit
         self.pipeline.load_pipeline(state["pipeline"], state["step"])
         self.optimizers.load_optimizers(state["optimizers"])
         if "schedulers" in state and self.config.load_scheduler:

@@ -157,6 +157,9 @@ class EvolSplatModel(Model):
         self._lpips = None
         self._lpips_failed = False
         self._display: Optional[Tuple[SharedState, Tuple[int, int]]] = None
+        self.display_provider: Optional[Callable[[], None]] = None
+        """Called by a render when nothing is displayed yet; it should reconstruct a segment and ``set_display`` it
+        (the pipeline's: the viewer's choice, else the first evaluation segment)."""
         if self.config.tf32_matmul and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -373,6 +376,15 @@ class EvolSplatModel(Model):
         """The reconstruction that ``get_outputs_for_camera`` renders (viewer, ns-eval)."""
         self._display = (shared, key)
 
+    def clear_display(self) -> None:
+        """Forget the displayed reconstruction: the next render asks ``display_provider`` for a new one."""
+        self._display = None
+
+    @property
+    def displayed_segment(self) -> Optional[Tuple[int, int]]:
+        """``(scene_id, segment_id)`` of the displayed reconstruction, or None."""
+        return None if self._display is None else self._display[1]
+
     def forward(self, ray_bundle=None, *, ddp_sync: Optional[List[Tensor]] = None):
         """nerfstudio's forward (render a camera); with ``ddp_sync``, those tensors unchanged: the multi-GPU train
         step passes the shared outputs through DDP's forward right before the one synchronised backward
@@ -388,7 +400,7 @@ class EvolSplatModel(Model):
 
     @torch.no_grad()
     def get_outputs_for_camera(self, camera: Cameras, obb_box=None) -> Dict[str, Tensor]:
-        if self._display is None and getattr(self, "display_provider", None) is not None:
+        if self._display is None and self.display_provider is not None:
             self.display_provider()
         if self._display is None:
             raise RuntimeError("no reconstructed segment to display yet: the pipeline sets one (set_display)")

@@ -1,17 +1,15 @@
-"""``EvolSplatPipeline``: the train step of a feed-forward model, inside nerfstudio's stock Trainer.
+"""``EvolSplatPipeline``: a feed-forward model inside nerfstudio's stock Trainer.
 
 Per step: draw a segment batch; switch the model to that segment (initialising its Gaussians from its point
-cloud the first time, restoring its state when it returns); run the shared extraction once; render every
-target view from the cut leaves and backpropagate each view's loss / T; backpropagate the accumulated leaf
-gradients through the shared graph once (:mod:`evolsplat_ns.pipeline.multiview_backward`). The Trainer then
-steps the optimizers once. It always calls ``backward`` on the loss it receives, so the returned loss is a
+cloud the first time, restoring its state when it returns); run the train step
+(:mod:`evolsplat_ns.pipeline.train_step`: shared extraction once, exact per-view backward, non-finite steps
+skipped). The Trainer then steps the optimizers once. It always calls ``backward`` on the loss it receives, so the returned loss is a
 detached copy of the true loss (a fresh leaf): its backward touches no parameter.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +18,12 @@ from typing import Any, Dict, List, Optional, Type
 import torch
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
-from evolsplat_ns.cli.common import one_line_errors_in_nerfstudio_commands
+from evolsplat_ns.errors import one_line_errors_in_nerfstudio_commands
 from evolsplat_ns.data.batch import SegmentBatch
-from evolsplat_ns.data.errors import CheckpointError
+from evolsplat_ns.errors import CheckpointError
 from evolsplat_ns.engine.checkpoint import check_checkpoint, check_pipeline_state, resolve_checkpoint, summarize_load_error
 from evolsplat_ns.pipeline import distributed as ddp_utils
-from evolsplat_ns.pipeline.multiview_backward import multiview_backward
+from evolsplat_ns.pipeline.train_step import DistributedHooks, TrainStep
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +58,10 @@ class EvolSplatPipeline(VanillaPipeline):
             super().__init__(config, device, test_mode=test_mode, world_size=1, local_rank=0,
                              grad_scaler=grad_scaler)
         self._setup_distributed(device, world_size, local_rank)
-        self._checkpoint_path: Optional[Path] = ckpt
+        self.checkpoint_path: Optional[Path] = ckpt
+        """The checkpoint being loaded (set by eval_setup's caller or the trainer), named in load errors."""
         self.grad_scaler = grad_scaler
-        self.skipped_steps = 0
-        self.shared_extractions = 0
+        self.train_step = TrainStep(skip_non_finite=config.skip_non_finite)
         # The viewer and ns-eval render through get_outputs_for_camera: until a segment is chosen (or trained
         # on), show the first evaluation segment.
         self.ff_model.display_provider = self._default_display
@@ -99,7 +97,7 @@ class EvolSplatPipeline(VanillaPipeline):
         self.viewer_cameras.request_move()  # browsers look at the picked segment once it is shown
         # The next render reconstructs it (or the next training step, whichever comes first): this also works when
         # training is paused or finished. The viewer runs this callback under its train lock.
-        self.ff_model._display = None
+        self.ff_model.clear_display()
 
     def _default_display(self) -> None:
         sid, seg = self._viewer_choice or self.datamanager.eval_keys()[0]
@@ -118,7 +116,7 @@ class EvolSplatPipeline(VanillaPipeline):
         """nerfstudio's load, with a checkpoint of another method or of a differently configured model reported as
         one :class:`CheckpointError` line (naming the file when known) instead of load_state_dict's key listing."""
         with one_line_errors_in_nerfstudio_commands():
-            path = self._checkpoint_path
+            path = self.checkpoint_path
             check_pipeline_state(loaded_state, path)
             try:
                 super().load_pipeline(loaded_state, step)
@@ -288,62 +286,33 @@ class EvolSplatPipeline(VanillaPipeline):
         return {}, {"loss": loss}, metrics
 
     def train_on_batch(self, batch: SegmentBatch, step: int) -> Dict[str, Any]:
-        """Shared extraction once, per-view backward, one backward through the shared graph."""
-        model = self.ff_model
-        model.train()
-        model.step = step
-        self.activate(batch.scene_id, batch.segment_id)
-        before = _forward_side_effects(model) if self.config.skip_non_finite else None
-        shared = model.extract_shared(batch)
-        self.shared_extractions += 1
-        tgt = batch.target
-        T, H, W = len(tgt), tgt.height, tgt.width
-        parts: List[Dict[str, torch.Tensor]] = []
-
-        def view_loss(leaves, v):
-            out = model.render_view(leaves, shared, tgt.extrinsics[v], tgt.intrinsics[v], H, W)
-            ld = model.view_loss(out, tgt.image[v], step)
-            parts.append({k: x.detach() for k, x in ld.items()})  # read back once, after all views
-            return sum(ld.values())
-
-        scaler = self.grad_scaler if (self.grad_scaler is not None and self.grad_scaler.is_enabled()) else None
-        ddp = self._model if self.world_size > 1 else None  # multi-GPU: one gradient all-reduce, on the last backward
-        losses = multiview_backward(shared.tensors, view_loss, T, scale=scaler.scale if scaler else None,
-                                    no_sync=ddp.no_sync if ddp is not None else None,
-                                    final_backward=ddp_utils.final_backward(ddp) if ddp is not None else None)
-        total = sum(losses) / T
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        finite = math.isfinite(total) and (
-            not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()))  # one host sync
-        total_all = total
-        if ddp is not None:  # every rank skips, or none does; the logged loss is the mean over the ranks' batches
-            finite, total_all = ddp_utils.reduce_step_status(finite, total, tgt.image.device)
-        if not finite and self.config.skip_non_finite:
-            for p in model.parameters():
-                p.grad = None  # Adam skips parameters without gradient: weights and moments stay unchanged
-            _restore_forward_side_effects(model, before)  # BatchNorm statistics, the segment's offsets
-            self.skipped_steps += 1
-            logger.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step, self.skipped_steps)
-        if ddp is not None:  # replicas keep rank 0's BatchNorm statistics (after the backward: see sync_buffers)
-            ddp_utils.sync_buffers(ddp)
+        """One train step (:mod:`evolsplat_ns.pipeline.train_step`), then the viewer's display follows it."""
+        ddp = None
+        if self.world_size > 1:  # one gradient all-reduce, on the last backward
+            wrapped = self._model
+            ddp = DistributedHooks(no_sync=wrapped.no_sync, final_backward=ddp_utils.final_backward(wrapped),
+                                   reduce_status=ddp_utils.reduce_step_status,
+                                   after_step=lambda: ddp_utils.sync_buffers(wrapped))
+        metrics, shared = self.train_step(self.ff_model, lambda: self.activate(batch.scene_id, batch.segment_id),
+                                          batch, step, grad_scaler=self.grad_scaler, ddp=ddp)
         self._trained_steps += 1
+        model = self.ff_model
         if self._viewer_choice is None:
             model.set_display(shared.detached(), (batch.scene_id, batch.segment_id))  # follow training
             self.viewer_cameras.show(batch, (batch.scene_id, batch.segment_id))  # draws only on a new segment
         elif self._viewer_pending or step % max(1, self.config.viewer_refresh_every) == 0:
             self._viewer_pending = False
             self.show_segment(*self._viewer_choice)  # refresh the chosen segment with the current weights
-        metrics: Dict[str, Any] = {
-            "loss_value": total_all if finite else 0.0,
-            "view_loss_mean": total,
-            "view_loss_min": min(losses),
-            "view_loss_max": max(losses),
-            "num_gaussians": int(shared.tensors["means"].shape[0]),
-            "skipped_steps": self.skipped_steps,
-        }
-        for key in parts[0]:
-            metrics[key] = float(sum(p[key] for p in parts if key in p)) / T
         return metrics
+
+    @property
+    def skipped_steps(self) -> int:
+        """Train steps skipped for a non-finite loss or gradient."""
+        return self.train_step.skipped_steps
+
+    @property
+    def shared_extractions(self) -> int:
+        return self.train_step.shared_extractions
 
     # ----------------------------------------------------------------------------------------------- eval
     @torch.no_grad()
@@ -413,27 +382,6 @@ class EvolSplatPipeline(VanillaPipeline):
         if step is None:
             out["views"] = result.views
         return out
-
-
-def _forward_side_effects(model) -> Dict[str, Any]:
-    """What a training forward pass changes besides the weights: BatchNorm running statistics, and the active
-    segment's offset cache (written during extraction). A skipped step puts them back, so that a NaN forward
-    cannot poison evaluation (running statistics) or every later step on that segment (offsets)."""
-    bufs = {n: b.detach().clone() for n, b in model.named_buffers()
-            if "running_" in n or n.endswith("num_batches_tracked")}
-    offset = model.segments.current.get("offset") if model.segments.current_key is not None else None
-    return {"buffers": bufs, "offset": offset.detach().clone() if offset is not None else None}
-
-
-@torch.no_grad()
-def _restore_forward_side_effects(model, before: Optional[Dict[str, Any]]) -> None:
-    if before is None:
-        return
-    live = dict(model.named_buffers())
-    for n, v in before["buffers"].items():
-        live[n].copy_(v)
-    if before["offset"] is not None and model.segments.current_key is not None:
-        model.segments.current["offset"].copy_(before["offset"])
 
 
 def _checkpoint_of_eval_setup() -> Optional[Path]:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from evolsplat_ns.cameras import rigid_inverse, unproject_depth
-from evolsplat_ns.data.errors import ConfigError, DataValidationError
+from evolsplat_ns.errors import ConfigError, DataValidationError, EmptyPointCloudError
 from evolsplat_ns.data.records import ImageRecord, SceneRecord
 from evolsplat_ns.data.scene_index import Segment
 from evolsplat_ns.pointcloud import filters
@@ -64,10 +64,6 @@ logger = logging.getLogger(__name__)
 #: ``scene.metadata[LIDAR_LOADER_KEY](frame_index) -> [M, 3+]`` points of one sweep in the project frame.
 LIDAR_LOADER_KEY = "lidar_loader"
 LidarLoader = Callable[[int], np.ndarray]
-
-
-class EmptyPointCloudError(RuntimeError):
-    """A segment's point cloud is empty after every fallback."""
 
 
 @dataclass

@@ -88,7 +88,7 @@ class PointCloudOptions:
     training and inference), else CUDA when available."""
 
     def validate(self) -> "PointCloudOptions":
-        from evolsplat_ns.data.errors import ConfigError
+        from evolsplat_ns.errors import ConfigError
 
         if self.generator not in GENERATORS:
             raise ConfigError(f"point cloud generator must be one of {GENERATORS}, got {self.generator!r}")
@@ -145,7 +145,7 @@ def resolve_backend(opts: PointCloudOptions, caller_device=None):
     """
     import torch
 
-    from evolsplat_ns.data.errors import ConfigError
+    from evolsplat_ns.errors import ConfigError
     from evolsplat_ns.pointcloud.plyio import open3d_module
 
     if opts.device is not None:

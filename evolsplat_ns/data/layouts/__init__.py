@@ -23,7 +23,7 @@ import logging
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from evolsplat_ns.data.errors import DataValidationError
+from evolsplat_ns.errors import DataValidationError
 from evolsplat_ns.data.layouts import drivestudio, kitti_raw, pandaset, reference
 from evolsplat_ns.data.layouts.common import (
     HOLDOUT_MODES,

@@ -18,7 +18,7 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple
 import numpy as np
 
 from evolsplat_ns.cameras import rigid_inverse, scale_intrinsics
-from evolsplat_ns.data.errors import DataValidationError
+from evolsplat_ns.errors import DataValidationError
 from evolsplat_ns.data.records import SKY_255_IS_SKY, ImageRecord, SceneRecord
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class LayoutOptions:
     """Filled by the loader: the data root (default home of the LiDAR depth cache)."""
 
     def validate(self) -> "LayoutOptions":
-        from evolsplat_ns.data.errors import ConfigError
+        from evolsplat_ns.errors import ConfigError
 
         if self.layout != "auto" and self.layout not in LAYOUT_NAMES:
             raise ConfigError(f"layout must be 'auto' or one of {LAYOUT_NAMES}, got {self.layout!r}")
@@ -307,7 +307,7 @@ def protocol_input_frames(num_frames: int, mode: str) -> Optional[set]:
     if mode == "none":
         return None
     if mode not in rules:
-        from evolsplat_ns.data.errors import ConfigError
+        from evolsplat_ns.errors import ConfigError
 
         raise ConfigError(f"eval_holdout must be one of {HOLDOUT_MODES}, got {mode!r}")
     return {t for t in range(num_frames) if rules[mode](t)}

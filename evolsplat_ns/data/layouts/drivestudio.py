@@ -35,7 +35,7 @@ from typing import Dict, List
 import numpy as np
 
 from evolsplat_ns.cameras import intrinsics_matrix, waymo_camera_to_opencv
-from evolsplat_ns.data.errors import DataValidationError
+from evolsplat_ns.errors import DataValidationError
 from evolsplat_ns.data.layouts.common import (
     LayoutOptions,
     RawImage,

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from evolsplat_ns.cameras import kitti_rectified_camera, oxts_mercator_scale, oxts_to_pose, rigid_inverse, rigid_matrix
-from evolsplat_ns.data.errors import DataValidationError
+from evolsplat_ns.errors import DataValidationError
 from evolsplat_ns.data.layouts.common import LayoutOptions, RawImage, build_scene, check_camera_sizes, select_camera_ids
 from evolsplat_ns.data.layouts.lidar import LidarSource, Sweep, attach, check_rows, default_cache_dir, read_float32_rows
 from evolsplat_ns.data.records import SceneRecord

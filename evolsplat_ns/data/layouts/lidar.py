@@ -232,7 +232,7 @@ def default_cache_dir(options, scene_dir: Path) -> Path:
 
 def read_float32_rows(path: Path, columns: int) -> np.ndarray:
     """A ``.bin`` of float32 rows of ``columns`` values -> ``[M, columns]`` (validated: whole rows)."""
-    from evolsplat_ns.data.errors import DataValidationError
+    from evolsplat_ns.errors import DataValidationError
 
     raw = np.fromfile(path, dtype=np.float32)
     if raw.size % columns:
@@ -242,7 +242,7 @@ def read_float32_rows(path: Path, columns: int) -> np.ndarray:
 
 def check_rows(path: Path, columns: int) -> None:
     """Up-front check of a sweep file's size (whole float32 rows of ``columns``) without reading it."""
-    from evolsplat_ns.data.errors import DataValidationError
+    from evolsplat_ns.errors import DataValidationError
 
     size = path.stat().st_size
     if size % (4 * columns):

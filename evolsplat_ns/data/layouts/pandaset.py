@@ -32,7 +32,7 @@ from typing import Any, List, Optional
 import numpy as np
 
 from evolsplat_ns.cameras import intrinsics_matrix, pandaset_pose_to_c2w
-from evolsplat_ns.data.errors import DataValidationError
+from evolsplat_ns.errors import DataValidationError
 from evolsplat_ns.data.layouts.common import LayoutOptions, RawImage, build_scene, check_camera_sizes, select_camera_ids
 from evolsplat_ns.data.layouts.lidar import LidarSource, Sweep, attach, default_cache_dir
 from evolsplat_ns.data.records import SceneRecord

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from evolsplat_ns.cameras import intrinsics_matrix, opengl_to_opencv, rigid_inverse
-from evolsplat_ns.data.errors import DataValidationError
+from evolsplat_ns.errors import DataValidationError
 from evolsplat_ns.data.layouts.common import LayoutOptions, RawImage, build_scene, check_camera_sizes, select_camera_ids
 from evolsplat_ns.data.records import SKY_255_IS_SKY, SKY_LABEL_10_IS_SKY, SceneRecord
 

@@ -1,4 +1,11 @@
-"""Shared CLI behaviour: bad input is one line on stderr and a non-zero exit, unless --verbose."""
+"""User errors, in one place: what bad input raises, and how every command reports it.
+
+Errors name the file, the field and what was expected. The ``evolsplat-ns-*`` commands (:func:`run_cli`) and
+nerfstudio's own commands running this plugin (:func:`one_line_errors_in_nerfstudio_commands`: ns-train, ns-eval,
+ns-viewer, ns-render, ns-export) print a user error as one ``error:`` line on stderr and exit with code 2; anything
+else (a bug) keeps its traceback. The lowest layer of the package: it imports nothing of it, so every layer may
+raise and report these.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,40 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Callable, Iterator, Optional, TypeVar, Union
 
-from evolsplat_ns.data.errors import ConfigError, DataValidationError
+
+class DataValidationError(ValueError):
+    """Bad input data. The message names the file, the field and what was expected."""
+
+    def __init__(self, path: Union[str, Path, None], field: Optional[str], expected: str, got: object = None):
+        self.path = Path(path) if path is not None else None
+        self.field = field
+        self.expected = expected
+        self.got = got
+        where = str(self.path) if self.path is not None else "<data>"
+        msg = where
+        if field:
+            msg += f": field '{field}'"
+        msg += f": expected {expected}"
+        if got is not None:
+            msg += f", got {got}"
+        super().__init__(msg)
+
+
+class ConfigError(ValueError):
+    """An option, or a combination of options, that cannot work."""
+
+
+class CheckpointError(DataValidationError):
+    """A checkpoint that is missing, truncated, not a PyTorch file, from another method or for another model."""
+
+
+class EmptyPointCloudError(RuntimeError):
+    """A segment's point cloud is empty after every fallback."""
+
+
+# ------------------------------------------------------------------------------------------------- reporting
 
 T = TypeVar("T")
 
@@ -21,10 +59,7 @@ VERBOSE_ENV = "EVOLSPLAT_NS_VERBOSE"
 
 def is_user_error(e: BaseException) -> bool:
     """Bad input or options (reported as one line) rather than a bug (reported with its traceback)."""
-    if isinstance(e, (DataValidationError, ConfigError)):
-        return True
-    # imported lazily: the point-cloud side pulls in torch
-    return type(e).__name__ == "EmptyPointCloudError" and type(e).__module__.startswith("evolsplat_ns.")
+    return isinstance(e, (DataValidationError, ConfigError, EmptyPointCloudError))
 
 
 def run_cli(fn: Callable[[], T], verbose: bool) -> T:

@@ -29,24 +29,13 @@ BATCHES_PER_SEGMENT = 3  # so run B first continues a segment whose state it res
 
 
 def _config(data_root: Path, out_dir: Path, **trainer):
-    from evolsplat_ns.configs import make_small_trainer_config
+    from conftest import small_trainer_config
 
-    cfg = make_small_trainer_config()
-    cfg.machine.device_type = "cpu"
+    cfg = small_trainer_config(data_root, out_dir, bg_num_points=300, max_points=600, no_periodic_eval=True, **trainer)
     cfg.machine.seed = 7
-    cfg.pipeline.datamanager.data = data_root
     cfg.pipeline.datamanager.num_target_keyframes = 1
     cfg.pipeline.datamanager.batches_per_segment = BATCHES_PER_SEGMENT
-    cfg.pipeline.model.bg_num_points = 300
-    cfg.pipeline.model.pointcloud.max_points = 600
     cfg.pipeline.model.pointcloud_cache_dir = data_root / ".cache"
-    cfg.vis = "tensorboard"
-    cfg.logging.local_writer.enable = False
-    cfg.steps_per_eval_batch = cfg.steps_per_eval_image = cfg.steps_per_eval_all_images = 1_000_000
-    cfg.output_dir = Path(out_dir)
-    cfg.timestamp = "run"
-    for k, v in trainer.items():
-        setattr(cfg, k, v)
     return cfg
 
 
@@ -134,11 +123,9 @@ def _worker(rank: int, port: int, data_root: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from evolsplat_ns.data.synthetic import generate_scenes
+    from conftest import synthetic_root
 
-    root = tmp_path_factory.mktemp("ddp") / "synth"
-    generate_scenes(root, 3, 5, 24, 72, num_frames=30, num_cameras=2, quiet=True)
-    return root
+    return synthetic_root(tmp_path_factory, "ddp", 3, 5, 24, 72, num_cameras=2)
 
 
 @pytest.fixture(scope="module")

@@ -9,37 +9,21 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from evolsplat_ns.configs import make_small_trainer_config
 from evolsplat_ns.data.batch import Views
-from evolsplat_ns.data.synthetic import generate_scenes
+from conftest import small_trainer_config, synthetic_root
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipe") / "synth"
-    generate_scenes(root, 3, 5, 24, 72, num_frames=30, num_cameras=3, quiet=True)
-    return root
+    return synthetic_root(tmp_path_factory, "pipe", 3, 5, 24, 72, num_cameras=3)
 
 
 def small_config(data_root, out_dir=None, **trainer):
-    cfg = make_small_trainer_config()
-    cfg.machine.device_type = "cpu"
-    cfg.pipeline.datamanager.data = data_root
-    cfg.pipeline.model.bg_num_points = 1000
-    cfg.pipeline.model.pointcloud.max_points = 1500
-    cfg.vis = "tensorboard"
-    cfg.logging.local_writer.enable = False
-    if out_dir is not None:
-        cfg.output_dir = Path(out_dir)
-        cfg.timestamp = "run"
-    for k, v in trainer.items():
-        setattr(cfg, k, v)
-    return cfg
+    return small_trainer_config(data_root, out_dir, bg_num_points=1000, max_points=1500, **trainer)
 
 
 def _first_views(v: Views, n: int) -> Views:

@@ -245,31 +245,18 @@ def test_summarize_load_error_is_one_line():
 # ------------------------------------------------------------------------------------------------ trainer / ns-eval
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    from evolsplat_ns.data.synthetic import generate_scenes
+    from conftest import synthetic_root
 
-    root = tmp_path_factory.mktemp("rel") / "synth"
-    generate_scenes(root, 2, 3, 24, 72, num_frames=30, num_cameras=3, quiet=True)
-    return root
+    return synthetic_root(tmp_path_factory, "rel", 2, 3, 24, 72, num_cameras=3)
 
 
 def _config(data_root, out_dir, **trainer):
-    from evolsplat_ns.configs import make_small_trainer_config
+    from conftest import small_trainer_config
 
-    cfg = make_small_trainer_config()
-    cfg.machine.device_type = "cpu"
-    cfg.pipeline.datamanager.data = data_root
+    cfg = small_trainer_config(data_root, out_dir, bg_num_points=500, max_points=800, no_periodic_eval=True, **trainer)
     cfg.pipeline.datamanager.batches_per_segment = 2  # the schedule moves on within the run
     cfg.pipeline.datamanager.num_source_keyframes = 2  # 6 source, 3 target views: the CPU rasterizer is the cost
     cfg.pipeline.datamanager.num_target_keyframes = 1
-    cfg.pipeline.model.bg_num_points = 500
-    cfg.pipeline.model.pointcloud.max_points = 800
-    cfg.vis = "tensorboard"
-    cfg.logging.local_writer.enable = False
-    cfg.output_dir = Path(out_dir)
-    cfg.timestamp = "run"
-    cfg.steps_per_eval_batch = cfg.steps_per_eval_image = cfg.steps_per_eval_all_images = 10 ** 6
-    for k, v in trainer.items():
-        setattr(cfg, k, v)
     return cfg
 
 

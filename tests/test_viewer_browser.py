@@ -11,14 +11,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from evolsplat_ns.configs import make_small_trainer_config
-from evolsplat_ns.data.synthetic import generate_scenes
+from conftest import small_trainer_config, synthetic_root
 
 from browser_helpers import (ViewerProcess, choose_dropdown, dropdown_options, find_chromium, open_browser,
                              rendered_resolution, screenshot, viewport_box, wait_until)
@@ -30,26 +28,14 @@ TARGET_RGB = np.array([40, 150, 255])
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("viewer") / "synth"
-    generate_scenes(root, 3, 7, 48, 144, num_frames=30, num_cameras=3, quiet=True)
-    return root
+    return synthetic_root(tmp_path_factory, "viewer", 3, 7, 48, 144, num_cameras=3)
 
 
 def small_config(data_root, out_dir, **trainer):
-    cfg = make_small_trainer_config()
-    cfg.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg.pipeline.datamanager.data = data_root
-    cfg.pipeline.model.bg_num_points = 2000
-    cfg.pipeline.model.pointcloud.max_points = 3000
-    cfg.vis = "tensorboard"
-    cfg.logging.local_writer.enable = False
-    cfg.output_dir = Path(out_dir)
-    cfg.timestamp = "run"
-    cfg.steps_per_eval_batch = cfg.steps_per_eval_image = cfg.steps_per_eval_all_images = 1_000_000
-    cfg.steps_per_save = 1_000_000
-    for k, v in trainer.items():
-        setattr(cfg, k, v)
-    return cfg
+    trainer.setdefault("steps_per_save", 1_000_000)
+    return small_trainer_config(data_root, out_dir, bg_num_points=2000, max_points=3000,
+                                device="cuda" if torch.cuda.is_available() else "cpu", no_periodic_eval=True,
+                                **trainer)
 
 
 @pytest.fixture(scope="module")

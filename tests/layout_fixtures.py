@@ -158,12 +158,10 @@ RIG_YAW = {"front": 0.0, "front_left": 45.0, "front_right": -45.0, "left": 90.0,
 
 def camera_in_ego(yaw_deg: float) -> np.ndarray:
     """OpenCV camera -> ego for a camera 1.6 m up, looking horizontally ``yaw`` degrees left of forward."""
+    from scene_fixtures import camera_pose
+
     a = np.deg2rad(yaw_deg)
-    fwd = np.array([np.cos(a), np.sin(a), 0.0])
-    right = np.array([np.sin(a), -np.cos(a), 0.0])
-    down = np.array([0.0, 0.0, -1.0])
-    T = np.eye(4)
-    T[:3, 0], T[:3, 1], T[:3, 2] = right, down, fwd
+    T = camera_pose(0.0, yaw_deg, CAM_HEIGHT)
     T[:3, 3] = [1.0 + 0.5 * np.cos(a), 0.5 * np.sin(a), CAM_HEIGHT]
     return T
 

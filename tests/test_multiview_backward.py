@@ -47,13 +47,19 @@ def test_gradient_equals_joint_backward(T):
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-12, atol=1e-12)
 
 
-def test_scaled_backward_scales_every_gradient():
+def _reference_gradients():
+    """A toy model, its inputs, and the gradients of a plain 3-view ``multiview_backward`` (then zeroed)."""
     x = torch.randn(4, 5, dtype=torch.float64)
     targets = torch.randn(3, 4, 2, dtype=torch.float64)
     m = Toy().double()
     multiview_backward(m.extract(x), lambda s, v: m.view_loss(s, v, targets), 3)
     ref = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad(set_to_none=True)
+    return m, x, targets, ref
+
+
+def test_scaled_backward_scales_every_gradient():
+    m, x, targets, ref = _reference_gradients()
     multiview_backward(m.extract(x), lambda s, v: m.view_loss(s, v, targets), 3, scale=lambda l: l * 8.0)
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, 8.0 * ref[n])
@@ -70,12 +76,7 @@ def test_no_retained_graph_needed():
 
 def test_custom_final_backward_gets_the_shared_outputs_once():
     # multi-GPU: the final backward goes through DDP (evolsplat_ns.pipeline.distributed.final_backward)
-    x = torch.randn(4, 5, dtype=torch.float64)
-    targets = torch.randn(3, 4, 2, dtype=torch.float64)
-    m = Toy().double()
-    multiview_backward(m.extract(x), lambda s, v: m.view_loss(s, v, targets), 3)
-    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad(set_to_none=True)
+    m, x, targets, ref = _reference_gradients()
     calls = []
 
     def final(outs, grads):

@@ -301,7 +301,7 @@ def test_viewer_segment_chooser(trained):
     dd.value = choice
     dd.cb_hook(dd)  # what the GUI does on a change
     out = pipe.model.get_outputs_for_camera(cams)["rgb"]
-    assert pipe.ff_model.displayed_segment == pipe._segment_labels[choice]
+    assert pipe.ff_model.displayed_segment == pipe.segment_picker.labels[choice]
     assert not torch.allclose(out, first)
 
 

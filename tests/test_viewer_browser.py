@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -126,8 +127,6 @@ def test_browser_shows_the_segment_and_switches_it(checkpoint, tmp_path):
             driver.quit()
 
 
-@pytest.mark.skip(reason="deadlocks intermittently under full-suite load (the pick is applied from inside a train "
-                         "step while nerfstudio's viewer holds its train lock); open item of issue 8")
 def test_viewer_refresh_during_training(data_root, tmp_path):
     """ns-train with the viewer on (loopback, no browser): follow training, then refresh the picked segment."""
     from nerfstudio.engine.trainer import Trainer
@@ -153,30 +152,36 @@ def test_viewer_refresh_during_training(data_root, tmp_path):
         assert cams.active  # the viewer found the control on the pipeline and handed it its viser server
         dd = pipe.viewer_segment
         label = [o for o in dd.options if o.startswith("eval")][-1]
-        key = pipe._segment_labels[label]
+        key = pipe.segment_picker.labels[label]
         shows, seen = [], {}
-        show, step_fn = pipe.show_segment, pipe.get_train_loss_dict
+        show, update = pipe.show_segment, trainer._update_viewer_state
 
         def counted_show(sid, seg):
             shows.append((pipe._trained_steps, sid, seg))
             return show(sid, seg)
 
-        def step_hook(step):
-            if step == 2:  # after two steps that followed training, a segment is picked in the dropdown
+        def gui_pick():  # what viser's GUI thread does on a change: the viewer's wrapper takes the train lock
+            dd.value = label
+            dd.cb_hook(dd)
+
+        def between_steps(step):  # the trainer calls this outside its train lock, after each iteration
+            update(step)
+            if step == 1:  # after two steps that followed training, a segment is picked in the dropdown
                 seen.update(display=pipe.ff_model.displayed_segment, drawn=cams.key, draws=cams.draws,
                             handles=len(cams._handles),
                             hidden=all(not h.visible for h in trainer.viewer_state.camera_handles.values()))
-                dd.value = label
-                dd.cb_hook(dd)  # what the GUI does (the viewer wraps it in its train lock and asks for a render)
-            return step_fn(step)
+                gui = threading.Thread(target=gui_pick, daemon=True)
+                gui.start()
+                gui.join(timeout=60)
+                assert not gui.is_alive(), "the GUI callback did not get the train lock between two steps"
 
-        pipe.show_segment, pipe.get_train_loss_dict = counted_show, step_hook
+        pipe.show_segment, trainer._update_viewer_state = counted_show, between_steps
         trainer.train()  # steps 0..6
-        assert not [s for s in shows if s[0] < 2]  # steps 0, 1: the view followed the training segment
         assert seen["display"] == seen["drawn"] and seen["draws"] >= 1 and seen["handles"] > 0
         assert seen["hidden"]  # nerfstudio's own training-camera frustums are hidden once ours are drawn
-        # picked at step 2 (shown at once), then refreshed at steps 3 and 6
-        assert [s[1:] for s in shows] == [key] * 3, shows
+        # steps 0, 1 followed training; picked between steps 1 and 2, shown after step 2 (the first iteration after
+        # the pick), refreshed after steps 3 and 6 (viewer_refresh_every = 3)
+        assert shows == [(3, *key), (4, *key), (7, *key)], shows
         assert pipe.ff_model.displayed_segment == key and cams.key == key
         draws = cams.draws
         pipe.show_segment = show

@@ -65,19 +65,19 @@ class EvolSplatPipeline(VanillaPipeline):
         # The viewer and ns-eval render through get_outputs_for_camera: until a segment is chosen (or trained
         # on), show the first evaluation segment.
         self.ff_model.display_provider = self._default_display
-        self._viewer_choice: Optional[tuple] = None
-        self._viewer_pending = False
         self._trained_steps = 0
+        self._last_trained = None  # (detached shared state, batch) of the last train step: what the viewer follows
         self._prebuilt = False
         self.planned_steps: Optional[int] = None
         """Steps this run trains (the trainer's ``max_num_iterations``, set in ``get_training_callbacks``); the
         clouds built before the first step are those of the segments these steps visit (None: a whole pass)."""
-        self._segment_labels = self._make_segment_labels()
         from nerfstudio.viewer.viewer_elements import ViewerDropdown
 
-        labels = list(self._segment_labels)
+        from evolsplat_ns.pipeline.viewer import SegmentCameras, SegmentPicker
+
+        self.segment_picker = SegmentPicker(self._make_segment_labels())
+        labels = list(self.segment_picker.labels)
         self.viewer_segment = ViewerDropdown("Segment to display", labels[0], labels, cb_hook=self._on_viewer_segment)
-        from evolsplat_ns.pipeline.viewer import SegmentCameras
 
         self.viewer_cameras = SegmentCameras()  # the displayed segment's camera frustums (evolsplat_ns.pipeline.viewer)
 
@@ -92,17 +92,29 @@ class EvolSplatPipeline(VanillaPipeline):
 
     def _on_viewer_segment(self, element) -> None:
         """GUI thread: only record the choice; the reconstruction runs on the training / rendering thread."""
-        self._viewer_choice = self._segment_labels[element.value]
-        self._viewer_pending = True
+        self.segment_picker.pick(element.value)
         self.viewer_cameras.request_move()  # browsers look at the picked segment once it is shown
         # The next render reconstructs it (or the next training step, whichever comes first): this also works when
         # training is paused or finished. The viewer runs this callback under its train lock.
         self.ff_model.clear_display()
 
     def _default_display(self) -> None:
-        sid, seg = self._viewer_choice or self.datamanager.eval_keys()[0]
-        self._viewer_pending = False
-        self.show_segment(sid, seg)
+        choice, _ = self.segment_picker.take()
+        self.show_segment(*(choice or self.datamanager.eval_keys()[0]))
+
+    def _after_train_iteration(self, step: int) -> None:
+        """Training callback, after each train iteration: the viewer's display follows training, or shows the picked
+        segment (reconstructed when newly picked, refreshed every ``viewer_refresh_every`` steps)."""
+        if self.segment_picker.choice is None:
+            if self._last_trained is not None:
+                shared, batch = self._last_trained
+                key = (batch.scene_id, batch.segment_id)
+                self.ff_model.set_display(shared, key)  # follow training
+                self.viewer_cameras.show(batch, key)  # draws only on a new segment
+            return
+        key = self.segment_picker.due(step, self.config.viewer_refresh_every)
+        if key is not None:
+            self.show_segment(*key)  # the picked segment, with the current weights
 
     @torch.no_grad()
     def show_segment(self, scene_id: int, segment_id: int):
@@ -189,12 +201,14 @@ class EvolSplatPipeline(VanillaPipeline):
         torch.distributed.barrier()
 
     def get_training_callbacks(self, training_callback_attributes):
+        from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+
         callbacks = super().get_training_callbacks(training_callback_attributes)
+        callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self._after_train_iteration))
         trainer = training_callback_attributes.trainer
         if trainer is not None:  # nerfstudio runs max_num_iterations steps from wherever it starts (or resumes)
             self.planned_steps = int(trainer.config.max_num_iterations)
         if self.world_size > 1 and trainer is not None:
-            from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
             from nerfstudio.utils.misc import step_check
 
             def before_save(step: int) -> None:  # the trainer saves (rank 0) after this, at the same steps
@@ -286,7 +300,8 @@ class EvolSplatPipeline(VanillaPipeline):
         return {}, {"loss": loss}, metrics
 
     def train_on_batch(self, batch: SegmentBatch, step: int) -> Dict[str, Any]:
-        """One train step (:mod:`evolsplat_ns.pipeline.train_step`), then the viewer's display follows it."""
+        """One train step (:mod:`evolsplat_ns.pipeline.train_step`); the viewer is served after it, by a training
+        callback (:meth:`_after_train_iteration`), never from inside the step."""
         ddp = None
         if self.world_size > 1:  # one gradient all-reduce, on the last backward
             wrapped = self._model
@@ -296,13 +311,7 @@ class EvolSplatPipeline(VanillaPipeline):
         metrics, shared = self.train_step(self.ff_model, lambda: self.activate(batch.scene_id, batch.segment_id),
                                           batch, step, grad_scaler=self.grad_scaler, ddp=ddp)
         self._trained_steps += 1
-        model = self.ff_model
-        if self._viewer_choice is None:
-            model.set_display(shared.detached(), (batch.scene_id, batch.segment_id))  # follow training
-            self.viewer_cameras.show(batch, (batch.scene_id, batch.segment_id))  # draws only on a new segment
-        elif self._viewer_pending or step % max(1, self.config.viewer_refresh_every) == 0:
-            self._viewer_pending = False
-            self.show_segment(*self._viewer_choice)  # refresh the chosen segment with the current weights
+        self._last_trained = (shared.detached(), batch)  # the viewer's callback shows it (_after_train_iteration)
         return metrics
 
     @property

@@ -14,6 +14,12 @@ viser server) adds the displayed segment's cameras to the 3D scene:
 * nerfstudio's own training-camera frustums (every frame of every training scene, all scenes sharing one
   origin) are hidden once ours are drawn; the viewer's "Show Train Cams" button brings them back.
 
+:class:`SegmentPicker` hands the dropdown's choice from the GUI thread to the training thread (a lock, a pending
+flag); the pipeline applies it in a training callback that runs after each train iteration (never inside the train
+step): a new pick is reconstructed at the next such point, and the picked segment is refreshed every
+``viewer_refresh_every`` steps; without a pick the display follows training. Between training steps (paused, or
+finished) the next render applies the pick instead.
+
 Everything here is a no-op until the viewer has set the control up (ns-eval, tests and training without the
 viewer pay nothing). Drawing costs one small image upload per camera, only when the displayed segment changes.
 """
@@ -36,6 +42,47 @@ SOURCE_COLOUR = (255, 140, 0)
 TARGET_COLOUR = (40, 150, 255)
 CPU_MAX_RES = 256
 """Initial "Max res" of the viewer's renders when the model runs on the CPU (nerfstudio's default is 512)."""
+
+
+class SegmentPicker:
+    """The viewer's "Segment to display" choice, handed from the GUI thread to the training / render thread.
+
+    ``labels`` maps a dropdown label to ``(scene_id, segment_id)``. :meth:`pick` (GUI thread) records a choice and
+    marks it pending; :meth:`due` (training thread, after a train iteration) says which segment to reconstruct now.
+    Both take a lock of their own, so neither waits on training, nor training on them."""
+
+    def __init__(self, labels: Dict[str, Tuple[int, int]]) -> None:
+        self.labels = dict(labels)
+        self._lock = threading.Lock()
+        self._choice: Optional[Tuple[int, int]] = None
+        self._pending = False
+
+    def pick(self, label: str) -> Tuple[int, int]:
+        """Record the dropdown's choice (any thread); returns its key."""
+        key = self.labels[label]
+        with self._lock:
+            self._choice, self._pending = key, True
+        return key
+
+    @property
+    def choice(self) -> Optional[Tuple[int, int]]:
+        """The picked ``(scene_id, segment_id)``; None while the display follows training."""
+        with self._lock:
+            return self._choice
+
+    def take(self) -> Tuple[Optional[Tuple[int, int]], bool]:
+        """``(choice, was it pending)``, clearing the pending mark (the caller reconstructs it now)."""
+        with self._lock:
+            pending, self._pending = self._pending, False
+            return self._choice, pending
+
+    def due(self, step: int, refresh_every: int) -> Optional[Tuple[int, int]]:
+        """The picked segment if it must be reconstructed after train step ``step``: newly picked, or every
+        ``refresh_every`` steps (with the current weights); else None (also when nothing is picked)."""
+        choice, pending = self.take()
+        if choice is not None and (pending or step % max(1, int(refresh_every)) == 0):
+            return choice
+        return None
 
 
 def _views_to_numpy(views, image_height: int) -> List[Dict[str, Any]]:

@@ -47,13 +47,13 @@ class InferArgs:
 
 
 def infer(args: InferArgs) -> Dict[str, object]:
-    import torch
     from nerfstudio.utils.eval_utils import eval_setup
 
     from evolsplat_ns.atomic import write_atomic
     from evolsplat_ns.errors import ConfigError, DataValidationError
     from evolsplat_ns.data.layouts import find_layout_scenes
     from evolsplat_ns.export.ply import write_gaussian_ply
+    from evolsplat_ns.export.world_frame import to_data_world
     from evolsplat_ns.pipeline.evaluation import evaluate
 
     if not args.load_config.exists():
@@ -111,14 +111,9 @@ def infer(args: InferArgs) -> Dict[str, object]:
         entry["reconstruction_ms"] = 1000 * (time.perf_counter() - t0)
         entry["num_gaussians"] = int(shared.tensors["means"].shape[0])
         if args.export_ply:
-            g = model.export_gaussians(shared)
-            # back to the data's own world frame so the cloud overlays on the user's data
-            align_inv = torch.linalg.inv(torch.as_tensor(scene.align, dtype=torch.float32, device=g["means"].device))
-            means = g["means"] @ align_inv[:3, :3].T + align_inv[:3, 3]
-            R = align_inv[:3, :3]
-            quats = _rotate_quats(g["quats"], R)
-            p = write_gaussian_ply(out / "gaussians" / f"{scene.name}_seg{seg:02d}.ply", means, g["sh"],
-                                   g["opacity_logit"], g["log_scales"], quats)
+            g = to_data_world(model.export_gaussians(shared), scene.align)  # overlays on the user's data
+            p = write_gaussian_ply(out / "gaussians" / f"{scene.name}_seg{seg:02d}.ply", g["means"], g["sh"],
+                                   g["opacity_logit"], g["log_scales"], g["quats"])
             entry["ply"] = str(p)
         seg_rows.append(entry)
     stats = result.summary(get_std=True)
@@ -143,18 +138,6 @@ def _sync() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _rotate_quats(q, R):
-    """Quaternions (w x y z) of ``R @ rot(q)``."""
-    from scipy.spatial.transform import Rotation
-    import torch
-
-    r = Rotation.from_matrix(R.detach().cpu().double().numpy())
-    qn = q.detach().cpu().double().numpy()
-    rot = r * Rotation.from_quat(qn[:, [1, 2, 3, 0]])
-    xyzw = rot.as_quat()
-    return torch.as_tensor(xyzw[:, [3, 0, 1, 2]], dtype=torch.float32)
 
 
 def main(args: InferArgs) -> Dict[str, object]:

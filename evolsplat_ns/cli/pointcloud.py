@@ -26,9 +26,8 @@ from typing import List, Optional
 import numpy as np
 import tyro
 
-from evolsplat_ns.errors import run_cli
 from evolsplat_ns.data.datamanager import EvolSplatDataManagerConfig
-from evolsplat_ns.errors import ConfigError, DataValidationError
+from evolsplat_ns.errors import ConfigError, DataValidationError, run_cli
 from evolsplat_ns.pointcloud.options import PointCloudOptions
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple
 
 from evolsplat_ns.errors import ConfigError
-from evolsplat_ns.data.sampling import ViewSelection
+from evolsplat_ns.data.sampling import ViewSelection, nearest_frames
 from evolsplat_ns.data.scene_index import Keyframe, Segment
 
 
@@ -79,8 +79,7 @@ def nearest_sources(frame: int, segment: Segment, num_source_frames: int,
             f"{segment.frame_indices[0]}..{segment.frame_indices[-1]}) but there are {len(cands)}; lower "
             f"num_source_keyframes or use longer segments (keyframes_per_segment)"
         )
-    nearest = sorted(cands, key=lambda t: (abs(t - frame), t))[:num_source_frames]
-    return tuple(sorted(nearest))
+    return tuple(sorted(nearest_frames(frame, cands, num_source_frames)))
 
 
 def plan_scene(

@@ -38,6 +38,12 @@ class ViewSelection:
     target_frames: Tuple[int, ...]
 
 
+def nearest_frames(frame: int, candidates: Sequence[int], n: int) -> List[int]:
+    """The ``n`` candidates nearest to ``frame`` in time (``|index difference|``; ties: the earlier frame), nearest
+    first."""
+    return sorted(candidates, key=lambda t: (abs(t - frame), t))[:n]
+
+
 def _pick(options: Sequence[int], rng: Optional[np.random.Generator]) -> int:
     if rng is None:
         return options[(len(options) - 1) // 2]
@@ -141,27 +147,25 @@ def select_near(
     frames = [t for t in segment.frame_indices if t in keyframe_of]
     inputs = [t for t in frames if input_frames is None or t in input_frames]
     allowed = [t for t in frames if target_frames is None or t in target_frames]
-    need = num_source_frames + (0 if targets_include_sources else 1)
     if len(inputs) < num_source_frames or not allowed:
         raise ConfigError(f"{where}: num_source_keyframes={num_source_frames} needs that many input frames and one "
                           f"target frame; the segment has {len(inputs)} input and {len(allowed)} target frames")
-    # an anchor whose neighbourhood can hold the sources without it (unless sources may be targets)
-    anchors = [t for t in allowed if sum(1 for s in inputs if targets_include_sources or s != t) >= num_source_frames]
+    # an anchor that leaves enough input frames as sources besides itself (unless sources may be targets)
+    input_set = set(inputs)
+    anchors = [t for t in allowed
+               if len(inputs) - (t in input_set and not targets_include_sources) >= num_source_frames]
     if not anchors:
-        raise ConfigError(f"{where}: no target frame leaves {need - 1} other input frames as sources")
+        raise ConfigError(f"{where}: no target frame leaves {num_source_frames} other input frames as sources")
     anchor = _pick(anchors, rng)
-
-    def nearest(cands: Sequence[int], n: int) -> List[int]:
-        return sorted(cands, key=lambda t: (abs(t - anchor), t))[:n]
-
-    src = sorted(nearest([t for t in inputs if targets_include_sources or t != anchor], num_source_frames))
+    src = sorted(nearest_frames(anchor, [t for t in inputs if targets_include_sources or t != anchor],
+                                num_source_frames))
     cands = [t for t in allowed if targets_include_sources or t not in src]
     if len(cands) < num_target_frames:
         raise ConfigError(
             f"{where}: num_target_keyframes={num_target_frames} but only {len(cands)} frames are not sources; lower "
             f"num_target_keyframes or set targets_include_sources"
         )
-    tgt = sorted(nearest(cands, num_target_frames))
+    tgt = sorted(nearest_frames(anchor, cands, num_target_frames))
     return ViewSelection(tuple(keyframe_of[t] for t in src), tuple(src), tuple(keyframe_of[t] for t in tgt), tuple(tgt))
 
 

@@ -3,8 +3,8 @@
 Per step: draw a segment batch; switch the model to that segment (initialising its Gaussians from its point
 cloud the first time, restoring its state when it returns); run the train step
 (:mod:`evolsplat_ns.pipeline.train_step`: shared extraction once, exact per-view backward, non-finite steps
-skipped). The Trainer then steps the optimizers once. It always calls ``backward`` on the loss it receives, so the returned loss is a
-detached copy of the true loss (a fresh leaf): its backward touches no parameter.
+skipped). The Trainer then steps the optimizers once. It always calls ``backward`` on the loss it receives, so the
+returned loss is a detached copy of the true loss (a fresh leaf): its backward touches no parameter.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from typing import Any, Dict, List, Optional, Type
 import torch
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
-from evolsplat_ns.errors import one_line_errors_in_nerfstudio_commands
 from evolsplat_ns.data.batch import SegmentBatch
-from evolsplat_ns.errors import CheckpointError
+from evolsplat_ns.errors import CheckpointError, one_line_errors_in_nerfstudio_commands
 from evolsplat_ns.engine.checkpoint import check_checkpoint, check_pipeline_state, resolve_checkpoint, summarize_load_error
 from evolsplat_ns.pipeline import distributed as ddp_utils
 from evolsplat_ns.pipeline.train_step import DistributedHooks, TrainStep
@@ -204,7 +203,8 @@ class EvolSplatPipeline(VanillaPipeline):
         from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 
         callbacks = super().get_training_callbacks(training_callback_attributes)
-        callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self._after_train_iteration))
+        callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION],
+                                          self._after_train_iteration))
         trainer = training_callback_attributes.trainer
         if trainer is not None:  # nerfstudio runs max_num_iterations steps from wherever it starts (or resumes)
             self.planned_steps = int(trainer.config.max_num_iterations)

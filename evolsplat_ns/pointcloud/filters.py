@@ -215,13 +215,8 @@ def transient_mask(
         thr_j = torch.zeros(len(pts), dtype=torch.bool, device=dev)
         for rec in frame_cameras[j]:
             nearest = _cell_depth(frame_points[j], rec, cells)
-            gh, gw = nearest.shape
-            s = _cell_size(rec, cells)
-            col, row, z = (a[0] for a in project_to_pixels(pts, [rec]))
-            inside = (z > 0) & (col >= 0) & (col < rec.width) & (row >= 0) & (row < rec.height)
-            cell = torch.where(inside, (row // s).clamp(0, gh - 1) * gw + (col // s).clamp(0, gw - 1),
-                               torch.zeros_like(row)).to(torch.int64)
-            d = nearest.reshape(-1)[cell]
+            inside, cell, z = _grid_cells(pts, rec, cells)
+            d = nearest.reshape(-1)[torch.where(inside, cell, torch.zeros_like(cell))]
             seen = inside & torch.isfinite(d)
             obs_j |= seen
             thr_j |= seen & (d > z + margin + relative_margin * z)
@@ -234,20 +229,29 @@ def transient_mask(
     return list(torch.split(keep, [len(p) for p in frame_points]))
 
 
-def _cell_size(rec: ImageRecord, cells: int) -> int:
-    return max(1, int(np.ceil(int(rec.width) / cells)))
+def _grid_shape(rec: ImageRecord, cells: int) -> Tuple[int, int, int]:
+    """Cell size in pixels (about ``cells`` cells across the image) and the grid's rows and columns."""
+    s = max(1, int(np.ceil(int(rec.width) / cells)))
+    return s, -(-int(rec.height) // s), -(-int(rec.width) // s)
+
+
+def _grid_cells(points: torch.Tensor, rec: ImageRecord, cells: int) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor]:
+    """Per point in camera ``rec``: in front and inside the image ``[N]`` bool, flat cell index ``[N]`` int64 (only
+    meaningful where inside), depth ``[N]`` float64."""
+    s, _, gw = _grid_shape(rec, cells)
+    col, row, z = (a[0] for a in project_to_pixels(points, [rec]))
+    inside = (z > 0) & (col >= 0) & (col < rec.width) & (row >= 0) & (row < rec.height)
+    return inside, ((row // s) * gw + col // s).to(torch.int64), z
 
 
 def _cell_depth(points: torch.Tensor, rec: ImageRecord, cells: int) -> torch.Tensor:
     """``[gh, gw]`` float64: the nearest depth of ``points`` in each cell of camera ``rec``'s grid, then the minimum
     over the 3x3 neighbouring cells (``inf`` where there is none)."""
-    s = _cell_size(rec, cells)
-    gh, gw = -(-int(rec.height) // s), -(-int(rec.width) // s)
-    col, row, z = (a[0] for a in project_to_pixels(points, [rec]))
-    inside = (z > 0) & (col >= 0) & (col < rec.width) & (row >= 0) & (row < rec.height)
-    cell = ((row[inside] // s) * gw + col[inside] // s).to(torch.int64)
+    _, gh, gw = _grid_shape(rec, cells)
+    inside, cell, z = _grid_cells(points, rec, cells)
     grid = torch.full((gh * gw,), torch.inf, dtype=torch.float64, device=points.device)
-    grid.scatter_reduce_(0, cell, z[inside], reduce="amin", include_self=True)
+    grid.scatter_reduce_(0, cell[inside], z[inside], reduce="amin", include_self=True)
     grid = -torch.nn.functional.max_pool2d(-grid.reshape(1, 1, gh, gw), 3, stride=1, padding=1)
     return grid.reshape(gh, gw)
 

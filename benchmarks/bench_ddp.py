@@ -116,7 +116,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: 
         elapsed = marks["t1"] - marks["t0"]
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev_type == "cuda" else None
         peaks = [None] * world if rank == 0 else None
-        dist.gather_object(peak, peaks, dst=0, group=getattr(pipe, "_object_group", None))
+        dist.gather_object(peak, peaks, dst=0, group=pipe.ranks.object_group)
         if rank == 0:
             t_eval = time.perf_counter()
             metrics = pipe.get_average_eval_image_metrics()

@@ -14,6 +14,7 @@ Quick CPU check: ``python benchmarks/bench_model.py --device cpu --points 20000 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -97,43 +98,33 @@ def timed(fn, iters, warmup, device):
 
 
 def stages(model, batch, device, fresh: bool):
-    """One shared extraction split by stage (mirrors EvolSplatModel.extract_shared)."""
-    from evolsplat_ns.model.sparse import sample_volume, voxelize
-    from evolsplat_ns.model.window_features import sample_window_features
-
-    seg = model.segments.current
-    src = batch.source
+    """One shared extraction (the model's own ``extract_shared``), timed per stage through its ``stage`` hook."""
     out = {}
 
-    def t(name, fn):
+    @contextlib.contextmanager
+    def stage(name):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        r = fn()
+        yield
         if device.type == "cuda":
             torch.cuda.synchronize()
-        out[name] = 1000 * (time.perf_counter() - t0)
-        return r
+        key = "unet" + ("_with_kernel_maps" if fresh else "_cached_maps") if name == "unet" else name
+        out[key] = 1000 * (time.perf_counter() - t0)
 
     if fresh:
         model.segments.clear_caches()
     with torch.no_grad():
-        fw, _, mask = t("window_features", lambda: sample_window_features(seg["means"], src.image, src.extrinsics,
-                                                                           src.intrinsics, src.depth, radius=1))
-        vox = t("voxelize", lambda: model.segments.cached("voxels", lambda: voxelize(seg["means"], seg["colours"], 0.1)))
-        vol = t("unet" + ("_with_kernel_maps" if fresh else "_cached_maps"), lambda: model.encoder(vox.tensor(), cache=vox.kernel_maps))
-        idx = mask.nonzero().squeeze(-1)
-        f3 = t("volume_sampling", lambda: sample_volume(vol, vox, seg["means"][idx] + seg["offset"][idx]))
-        t("offset_head", lambda: model.heads.predict_offset(f3))
+        shared = model.extract_shared(batch, stage=stage)
     out["total"] = sum(out.values())
-    out["num_points"] = int(seg["means"].shape[0])
-    out["num_kept"] = int(idx.numel())
-    out["num_voxels"] = int(vox.coords.shape[0])
+    out["num_points"] = int(model.segments.current["means"].shape[0])
+    out["num_kept"] = shared.num_gaussians
+    out["num_voxels"] = int(model.segments.get_cache("voxels").coords.shape[0])
     return out
 
 
 def render_one(model, shared, tgt, v):
-    return model.render_view(shared.tensors, shared, tgt.extrinsics[v], tgt.intrinsics[v], tgt.height, tgt.width)
+    return model.render_view(shared, tgt.extrinsics[v], tgt.intrinsics[v], tgt.height, tgt.width)
 
 
 def train_step(model, batch, mode: str):
@@ -144,10 +135,10 @@ def train_step(model, batch, mode: str):
         shared = model.extract_shared(batch)
 
         def loss(leaves, v):
-            o = model.render_view(leaves, shared, tgt.extrinsics[v], tgt.intrinsics[v], tgt.height, tgt.width)
+            o = model.render_view(shared.with_outputs(leaves), tgt.extrinsics[v], tgt.intrinsics[v], tgt.height, tgt.width)
             return sum(model.view_loss(o, tgt.image[v], 1).values())
 
-        multiview_backward(shared.tensors, loss, T)
+        multiview_backward(shared.outputs(), loss, T)
     else:  # recompute the shared extraction for every view (the origin code's way)
         for v in range(T):
             shared = model.extract_shared(batch)
@@ -241,9 +232,9 @@ def main():
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32_matmul
         from evolsplat_ns.model.render import visible_gaussians
 
-        v0 = visible_gaussians(shared.tensors["means"], torch.exp(shared.aux["base_log_scale"]), tgt.extrinsics[0],
+        v0 = visible_gaussians(shared.means, torch.exp(shared.base_log_scale), tgt.extrinsics[0],
                                tgt.intrinsics[0], tgt.height, tgt.width)
-    b2["num_gaussians"] = int(shared.tensors["means"].shape[0])
+    b2["num_gaussians"] = shared.num_gaussians
     b2["num_in_view_bound"] = int(v0.numel())
     report["B2_render"] = b2
     model.train()

@@ -135,13 +135,11 @@ def trace(config: Path, steps) -> list:
             psnr += [model.image_metrics(o["rgb"], batch.target.image[v])["psnr"] for v, o in enumerate(outs)]
             if i % 4:
                 continue
-            means, f3 = shared.tensors["means"], shared.tensors["f3"]
-            dist, direction = view_inputs(means, batch.target.extrinsics[0][:3, 3])
-            sh, dlog, _, o = model.heads.predict_view(f3, shared.aux["fw"], dist, direction,
-                                                      shared.aux.get("base_rgb"))
+            dist, direction = view_inputs(shared.means, batch.target.extrinsics[0][:3, 3])
+            sh, dlog, _, o = model.heads.predict_view(shared.f3, shared.fw, dist, direction, shared.base_rgb)
             opa.append(float(torch.sigmoid(o).mean()))
-            scale.append(float(torch.exp(dlog + shared.aux["base_log_scale"]).median()))
-            seed = model.segments.current["colours"][shared.aux["mask"]]
+            scale.append(float(torch.exp(dlog + shared.base_log_scale).median()))
+            seed = model.segments.current["colours"][shared.mask]
             rgb = sh_to_rgb(sh[:, 0]).clamp(0, 1)
             corr.append(float(np.corrcoef(rgb.reshape(-1).cpu().numpy(), seed.reshape(-1).cpu().numpy())[0, 1]))
         rows.append({"step": int(state["step"]), "psnr": statistics.mean(psnr), "opacity_mean": statistics.mean(opa),

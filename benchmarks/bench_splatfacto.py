@@ -111,10 +111,16 @@ def export_scene(pipe, scene_id: int, out: Path):
 
 
 def feed_forward_renders(pipe, scene_id: int):
+    """Our renders of the scene's held-out images, through the one evaluation path (plan order)."""
+    from evolsplat_ns.pipeline.evaluation import evaluate
+
     outs = []
-    for batch in pipe.datamanager.eval_batches():
+
+    def keep(batch, shared, v, pred, gt, row):
         if batch.scene_id == scene_id:
-            outs += [o["rgb"].cpu() for o in pipe.render_targets(batch)]
+            outs.append(pred.cpu())
+
+    evaluate(pipe, description="Feed-forward renders", on_view=keep)
     return outs
 
 

@@ -146,12 +146,14 @@ def test_options_that_cannot_work(root, tmp_path):
         make_dm(short)
 
 
-def test_short_scenes_are_skipped(tmp_path):
+def test_short_scenes_are_skipped(tmp_path, caplog):
     r = tmp_path / "r"
     write_scene(r / "a_long", num_frames=40, num_cams=1, size=(8, 12))
     write_scene(r / "b_short", num_frames=6, num_cams=1, size=(8, 12))
     write_scene(r / "c_long", num_frames=40, num_cams=1, size=(8, 12))
-    dm = make_dm(r)
+    with caplog.at_level("WARNING"):
+        dm = make_dm(r)
+    assert "b_short" in caplog.text and "min_keyframes_per_scene" in caplog.text  # the warning says why
     assert dm.train_scene_ids == [0] and dm.eval_scene_ids == [2] and 1 in dm.skipped
     roles = {s["name"]: s["role"] for s in dm.summary()["scenes"]}
     assert roles == {"a_long": "train", "b_short": "skipped", "c_long": "eval"}

@@ -56,7 +56,7 @@ def test_train_step_gradient_equals_joint_backward(data_root, T):
     model.segments.current["offset"].copy_(offsets)
     shared = orig(batch)
     tgt = batch.target
-    total = sum(sum(model.view_loss(model.render_view(shared.tensors, shared, tgt.extrinsics[v], tgt.intrinsics[v],
+    total = sum(sum(model.view_loss(model.render_view(shared, tgt.extrinsics[v], tgt.intrinsics[v],
                                                       tgt.height, tgt.width), tgt.image[v], 0).values())
                 for v in range(T)) / T
     total.backward()
@@ -103,30 +103,6 @@ def test_stock_trainer_runs_and_checkpoints_load_safely(trained):
     assert {"step", "pipeline", "optimizers", "schedulers", "scalers"} <= set(state)
     assert any(k.endswith("segments._extra_state") for k in state["pipeline"])
     assert any(k.endswith("datamanager._extra_state") for k in state["pipeline"])
-
-
-def test_resume_continues_exactly(trained, data_root, tmp_path):
-    from nerfstudio.engine.trainer import Trainer
-
-    cfg_a, trainer_a = trained
-    cfg = small_config(data_root, tmp_path / "b", max_num_iterations=2, steps_per_save=100)
-    cfg.set_timestamp()
-    cfg.load_checkpoint = cfg_a.get_checkpoint_dir() / "step-000000003.ckpt"
-    trainer_b = Trainer(cfg, local_rank=0, world_size=1)
-    trainer_b.setup()
-    trainer_b.train()  # steps 4 and 5
-    pa, pb = trainer_a.pipeline, trainer_b.pipeline
-    assert pb.datamanager.scheduler.state_dict() == pa.datamanager.scheduler.state_dict()
-    for (na, a), (nb, b) in zip(pa.model.named_parameters(), pb.model.named_parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=na)
-    key = pa.ff_model.segments.current_key
-    assert pb.ff_model.segments.current_key == key
-    torch.testing.assert_close(pa.ff_model.segments.get(*key)["offset"], pb.ff_model.segments.get(*key)["offset"])
-    # the same next batch
-    sa, ba = pa.datamanager.next_train(6)
-    sb, bb = pb.datamanager.next_train(6)
-    assert (ba.scene_id, ba.segment_id) == (bb.scene_id, bb.segment_id)
-    assert torch.equal(ba.target.frame_indices, bb.target.frame_indices)
 
 
 def _held_out_images(num_frames=30, num_cameras=3):
@@ -180,7 +156,7 @@ def test_viewer_render_path(trained):
     assert {"depth", "accumulation", "background", "foreground"} <= set(out)
     first = out["rgb"].clone()
     sid, seg = pipe.datamanager.eval_keys()[-1]
-    pipe.show_segment(sid, seg)
+    pipe.display.show(sid, seg)
     assert not torch.allclose(pipe.model.get_outputs_for_camera(cams)["rgb"], first)
 
 
@@ -301,7 +277,7 @@ def test_viewer_segment_chooser(trained):
     dd.value = choice
     dd.cb_hook(dd)  # what the GUI does on a change
     out = pipe.model.get_outputs_for_camera(cams)["rgb"]
-    assert pipe.ff_model.displayed_segment == pipe.segment_picker.labels[choice]
+    assert pipe.ff_model.displayed_segment == pipe.display.picker.labels[choice]
     assert not torch.allclose(out, first)
 
 
@@ -343,8 +319,8 @@ def test_joint_composite_and_frustum_culling_match_the_reference_composite(data_
     results = {}
     for composite, cull in [("separate", False), ("separate", True), ("joint", False), ("joint", True)]:
         model.config.composite, model.config.view_cull = composite, cull
-        f3 = shared.tensors["f3"].detach().requires_grad_(True)
-        out = model.render_view({"f3": f3, "means": shared.tensors["means"].detach()}, shared, tgt.extrinsics[0],
+        f3 = shared.f3.detach().requires_grad_(True)
+        out = model.render_view(shared.with_outputs({"f3": f3, "means": shared.means.detach()}), tgt.extrinsics[0],
                                 tgt.intrinsics[0], tgt.height, tgt.width)
         (out["rgb"].sum() + out["accumulation"].sum()).backward()
         results[(composite, cull)] = (out["rgb"].detach(), out["accumulation"].detach(), f3.grad.clone())
@@ -360,7 +336,7 @@ def test_joint_composite_and_frustum_culling_match_the_reference_composite(data_
     # culling really drops points: some of the segment lies outside this view
     from evolsplat_ns.model.render import visible_gaussians
 
-    means = shared.tensors["means"]
+    means = shared.means
     far = torch.tensor([0.0, 0.0, -50.0]) @ tgt.extrinsics[0][:3, :3].T + tgt.extrinsics[0][:3, 3]  # behind
     side = torch.tensor([1e4, 0.0, 10.0]) @ tgt.extrinsics[0][:3, :3].T + tgt.extrinsics[0][:3, 3]  # far right
     pts = torch.cat([means, far[None], side[None]])

@@ -35,10 +35,12 @@ def test_nerfstudio_discovers_the_method():
 
 
 def test_import_is_light():
-    # the data side and the package root import neither nerfstudio's heavy parts nor open3d / gsplat
+    # the data and point-cloud side and the package root import neither nerfstudio nor open3d / gsplat
     code = (
         "import sys, evolsplat_ns, evolsplat_ns.cameras, evolsplat_ns.data.dataparser, evolsplat_ns.data.scene_index,"
-        " evolsplat_ns.data.sampling, evolsplat_ns.data.scheduler;"
+        " evolsplat_ns.data.sampling, evolsplat_ns.data.scheduler, evolsplat_ns.pointcloud.options,"
+        " evolsplat_ns.pointcloud.filters, evolsplat_ns.pointcloud.generators, evolsplat_ns.pointcloud.cache,"
+        " evolsplat_ns.pointcloud.init, evolsplat_ns.pointcloud.plyio, evolsplat_ns.model.segment_state;"
         "bad = [m for m in ('open3d', 'gsplat', 'nerfstudio') if m in sys.modules]; assert not bad, bad;"
         "import evolsplat_ns.configs; assert 'open3d' not in sys.modules"
     )

@@ -188,8 +188,3 @@ def test_index_scene_segments_and_boxes(tmp_path):
     assert frames == set(range(40))
 
 
-def test_short_scene_is_skipped_with_warning(tmp_path, caplog):
-    sc = parse_scene(write_scene(tmp_path / "short", num_frames=8, num_cams=1), 0)
-    with caplog.at_level("WARNING"):
-        assert index_scene(sc, IndexOptions(min_keyframes_per_scene=10)) is None
-    assert "short" in caplog.text and "min_keyframes_per_scene" in caplog.text

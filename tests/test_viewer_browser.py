@@ -152,12 +152,12 @@ def test_viewer_refresh_during_training(data_root, tmp_path):
         assert cams.active  # the viewer found the control on the pipeline and handed it its viser server
         dd = pipe.viewer_segment
         label = [o for o in dd.options if o.startswith("eval")][-1]
-        key = pipe.segment_picker.labels[label]
+        key = pipe.display.picker.labels[label]
         shows, seen = [], {}
-        show, update = pipe.show_segment, trainer._update_viewer_state
+        show, update = pipe.display.show, trainer._update_viewer_state
 
         def counted_show(sid, seg):
-            shows.append((pipe._trained_steps, sid, seg))
+            shows.append((pipe.train_step.shared_extractions, sid, seg))  # train steps so far
             return show(sid, seg)
 
         def gui_pick():  # what viser's GUI thread does on a change: the viewer's wrapper takes the train lock
@@ -175,7 +175,7 @@ def test_viewer_refresh_during_training(data_root, tmp_path):
                 gui.join(timeout=60)
                 assert not gui.is_alive(), "the GUI callback did not get the train lock between two steps"
 
-        pipe.show_segment, trainer._update_viewer_state = counted_show, between_steps
+        pipe.display.show, trainer._update_viewer_state = counted_show, between_steps
         trainer.train()  # steps 0..6
         assert seen["display"] == seen["drawn"] and seen["draws"] >= 1 and seen["handles"] > 0
         assert seen["hidden"]  # nerfstudio's own training-camera frustums are hidden once ours are drawn
@@ -184,8 +184,8 @@ def test_viewer_refresh_during_training(data_root, tmp_path):
         assert shows == [(3, *key), (4, *key), (7, *key)], shows
         assert pipe.ff_model.displayed_segment == key and cams.key == key
         draws = cams.draws
-        pipe.show_segment = show
-        pipe.show_segment(*key)  # a refresh of the same segment does not redraw its cameras
+        pipe.display.show = show
+        pipe.display.show(*key)  # a refresh of the same segment does not redraw its cameras
         assert cams.draws == draws
         batch = pipe.datamanager.eval_batch(*key)
         names = list(trainer.viewer_state.viser_server.scene._handle_from_node_name)

@@ -109,7 +109,7 @@ def infer(args: InferArgs) -> Dict[str, object]:
         shared = pipeline.reconstruct(batch)
         _sync()
         entry["reconstruction_ms"] = 1000 * (time.perf_counter() - t0)
-        entry["num_gaussians"] = int(shared.tensors["means"].shape[0])
+        entry["num_gaussians"] = shared.num_gaussians
         if args.export_ply:
             g = to_data_world(model.export_gaussians(shared), scene.align)  # overlays on the user's data
             p = write_gaussian_ply(out / "gaussians" / f"{scene.name}_seg{seg:02d}.ply", g["means"], g["sh"],

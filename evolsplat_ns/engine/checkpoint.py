@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 from evolsplat_ns.errors import CheckpointError
 
@@ -102,6 +102,18 @@ def check_pipeline_state(pipeline_state: Any, path: Optional[Path] = None) -> No
         sample = ", ".join(sorted(keys)[:3]) or "none"
         raise CheckpointError(where, "pipeline", "the state of an evolsplat-ff pipeline (_model.encoder / heads / "
                               "segments)", f"another method's state (keys such as {sample})")
+
+
+def load_pipeline_state(load: Callable[[Any, int], None], pipeline_state: Any, step: int,
+                        path: Optional[Path] = None) -> None:
+    """``load(pipeline_state, step)`` (nerfstudio's ``load_pipeline``) after :func:`check_pipeline_state`, with
+    load_state_dict's key listing (a differently configured model) turned into one :class:`CheckpointError`."""
+    check_pipeline_state(pipeline_state, path)
+    try:
+        load(pipeline_state, step)
+    except RuntimeError as e:
+        raise CheckpointError(path or Path("<checkpoint>"), "pipeline", "weights of the model this config builds "
+                              "(same model options as the run that wrote the checkpoint)", summarize_load_error(e)) from e
 
 
 def summarize_load_error(e: BaseException) -> str:

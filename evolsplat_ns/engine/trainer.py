@@ -37,6 +37,16 @@ class EvolSplatTrainerConfig(TrainerConfig):
 
     _target: Type = field(default_factory=lambda: EvolSplatTrainer)
 
+    def get_checkpoint_dir(self) -> Path:
+        """nerfstudio's, and the pipeline config learns it (``checkpoint_source``): nerfstudio's ``eval_setup``
+        (ns-eval, ns-viewer, ns-render, ns-export) calls this, builds the pipeline, then loads the newest
+        checkpoint of this folder (or ``load_step``'s) into it; the pipeline checks that file before any long work.
+        """
+        path = super().get_checkpoint_dir()
+        if hasattr(self.pipeline, "checkpoint_source"):
+            self.pipeline.checkpoint_source = (path, self.load_step)
+        return path
+
 
 class EvolSplatTrainer(Trainer):
     config: EvolSplatTrainerConfig

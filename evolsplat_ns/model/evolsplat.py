@@ -16,12 +16,13 @@ the shared part to the per-view part; the train step cuts the graph there (``evo
 from __future__ import annotations
 
 import logging
+import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Literal, Optional, Tuple, Type
+from typing import Callable, ClassVar, ContextManager, Dict, List, Literal, Optional, Tuple, Type
 
 import torch
-import torch.nn.functional as F
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.models.base_model import Model, ModelConfig
 from torch import Tensor
@@ -110,24 +111,53 @@ class EvolSplatModelConfig(ModelConfig):
     """Segments whose state stays on the GPU; the others wait on the CPU."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SharedState:
-    """What ``extract_shared`` computes once per batch.
+    """What ``extract_shared`` computes once per batch, for the M kept points of the active segment.
 
-    ``tensors`` carry gradient to the shared parameters (cut by the train step); ``aux`` does not.
+    Only :attr:`GRAD_FIELDS` (``f3`` and ``means``) carry gradient to the shared parameters (the sparse U-Net and the
+    offset head); the train step cuts the graph there (:meth:`cut`) and renders every target view from the cut
+    state, whose ``f3`` / ``means`` are leaves. Everything else is constant for the batch.
     """
 
-    tensors: Dict[str, Tensor]
-    """``f3`` [M, C] volume features, ``means`` [M, 3] points + predicted offset."""
-    aux: Dict[str, Tensor]
-    """``fw`` [M, V(2R+1)^2 4] window features, ``base_log_scale`` [M, 3], ``mask`` [N] kept points,
-    ``ref_c2w`` [4, 4] background reference camera, ``base_rgb`` [M, 3] the sources' colour of each point (with
-    ``colour_residual``)."""
+    f3: Tensor
+    """[M, C] volume features of the kept points (graph to the U-Net)."""
+    means: Tensor
+    """[M, 3] points + predicted offset, project frame (graph to the offset head and the U-Net)."""
+    fw: Tensor
+    """[M, V (2R+1)^2 4] image-window features (colour and visibility of each window sample in each source view)."""
+    base_log_scale: Tensor
+    """[M, 3] log scale of the initial Gaussians (KNN spacing)."""
+    mask: Tensor
+    """[N] bool, the segment's points kept by the projection mask (M of them)."""
+    ref_c2w: Tensor
+    """[4, 4] OpenCV c2w of the middle source frame's first camera: the background's reference."""
     source: Views
+    """The source views the state was extracted from (the background samples them per target view)."""
+    base_rgb: Optional[Tensor] = None
+    """[M, 3] the sources' colour of each point (with ``colour_residual``), else None."""
+
+    GRAD_FIELDS: ClassVar[Tuple[str, ...]] = ("f3", "means")
+
+    @property
+    def num_gaussians(self) -> int:
+        return int(self.means.shape[0])
+
+    def outputs(self) -> Dict[str, Tensor]:
+        """The fields that carry gradient, by name (what :func:`~evolsplat_ns.pipeline.multiview_backward`
+        backpropagates through once)."""
+        return {k: getattr(self, k) for k in self.GRAD_FIELDS}
+
+    def with_outputs(self, outputs: Dict[str, Tensor]) -> "SharedState":
+        """This state with its gradient-carrying fields replaced (e.g. by the cut leaves)."""
+        unknown = set(outputs) - set(self.GRAD_FIELDS)
+        if unknown:
+            raise KeyError(f"SharedState.with_outputs: not gradient fields: {sorted(unknown)}")
+        return dataclasses.replace(self, **outputs)
 
     def detached(self) -> "SharedState":
         """A copy without graph (for display / evaluation after the train step)."""
-        return SharedState({k: v.detach() for k, v in self.tensors.items()}, self.aux, self.source)
+        return self.with_outputs({k: v.detach() for k, v in self.outputs().items()})
 
 
 class EvolSplatModel(Model):
@@ -197,49 +227,60 @@ class EvolSplatModel(Model):
                               device=self.device, keys=("means", "colours", "log_scales", "offset"))
 
     # ----------------------------------------------------------------------------------------------- shared part
-    def extract_shared(self, batch: SegmentBatch) -> SharedState:
-        """Shared extraction of one batch (the active segment's points and the batch's source views)."""
+    def extract_shared(self, batch: SegmentBatch, stage: Optional[Callable[[str], ContextManager]] = None
+                       ) -> SharedState:
+        """Shared extraction of one batch (the active segment's points and the batch's source views).
+
+        ``stage(name)``, if given, wraps each step in a context manager (``window_features``, ``voxelize``, ``unet``,
+        ``volume_sampling``, ``offset_head``): the benchmarks time the stages of this very code through it."""
         from evolsplat_ns.model.sparse import sample_volume, voxelize
         from evolsplat_ns.model.window_features import sample_window_features, source_colour
 
+        stage = stage or _no_stage
         seg = self.segments.current
         means0: Tensor = seg["means"]
         offset: Tensor = seg["offset"]
         src = batch.source
         spacing = torch.exp(seg["log_scales"][:, 0])  # the points' neighbour spacing: their z-buffer footprint
         depths = src.depth if self.config.visibility_depth == "data" else None
-        fw_all, valid, mask = sample_window_features(means0, src.image, src.extrinsics, src.intrinsics, depths,
-                                                     radius=self.config.local_radius, spacing=spacing)
+        with stage("window_features"):
+            fw_all, valid, mask = sample_window_features(means0, src.image, src.extrinsics, src.intrinsics, depths,
+                                                         radius=self.config.local_radius, spacing=spacing)
         box = self.config.volume_aabb
-        vox = self.segments.cached("voxels", lambda: voxelize(
-            means0, seg["colours"], self.config.voxel_size, *((box[:3], box[3:]) if box is not None else ())))
-        if self.config.freeze_volume:
-            volume = self.segments.cached("frozen_volume", lambda: self._encode_frozen(vox))
-        else:
-            volume = self.encoder(vox.tensor(), cache=vox.kernel_maps)
-        idx = mask.nonzero().squeeze(-1)
-        f3 = sample_volume(volume, vox, means0[idx] + offset[idx], mode=self.config.volume_sampling)
-        new_offset = self.heads.predict_offset(f3)
+        with stage("voxelize"):
+            vox = self.segments.cached("voxels", lambda: voxelize(
+                means0, seg["colours"], self.config.voxel_size, *((box[:3], box[3:]) if box is not None else ())))
+        with stage("unet"):
+            if self.config.freeze_volume:
+                volume = self.segments.cached("frozen_volume", lambda: self._encode_frozen(vox))
+            else:
+                volume = self.encoder(vox.tensor(), cache=vox.kernel_maps)
+        with stage("volume_sampling"):
+            idx = mask.nonzero().squeeze(-1)
+            f3 = sample_volume(volume, vox, means0[idx] + offset[idx], mode=self.config.volume_sampling)
+        with stage("offset_head"):
+            new_offset = self.heads.predict_offset(f3)
         if self.training:
             self.segments.update_offset(idx, new_offset.detach())
         means = means0[idx] + new_offset
         n_frames = int(src.keyframe_indices.shape[0])
         mid = (n_frames // 2) * (len(src) // n_frames)  # front camera of the middle source frame
         fw = fw_all[idx]
-        aux = {"fw": fw, "base_log_scale": seg["log_scales"][idx], "mask": mask, "ref_c2w": src.extrinsics[mid]}
+        base_rgb = None
         if self.config.colour_residual:
-            aux["base_rgb"] = source_colour(fw, valid[idx], len(src), self.config.local_radius,
-                                            fallback=seg["colours"][idx])
-        return SharedState(tensors={"f3": f3, "means": means}, aux=aux, source=src)
+            base_rgb = source_colour(fw, valid[idx], len(src), self.config.local_radius, fallback=seg["colours"][idx])
+        return SharedState(f3=f3, means=means, fw=fw, base_log_scale=seg["log_scales"][idx], mask=mask,
+                           ref_c2w=src.extrinsics[mid], source=src, base_rgb=base_rgb)
 
     @torch.no_grad()
     def _encode_frozen(self, vox):
         return self.encoder(vox.tensor(), cache=vox.kernel_maps).detach()
 
     # ----------------------------------------------------------------------------------------------- per view
-    def render_view(self, tensors: Dict[str, Tensor], shared: SharedState, c2w: Tensor, K: Tensor, height: int,
-                    width: int, render_depth: bool = False) -> Dict[str, Tensor]:
-        """Render one target view (OpenCV ``c2w`` [4,4], ``K`` [3|4,3|4]) from the shared tensors.
+    def render_view(self, shared: SharedState, c2w: Tensor, K: Tensor, height: int, width: int,
+                    render_depth: bool = False) -> Dict[str, Tensor]:
+        """Render one target view (OpenCV ``c2w`` [4,4], ``K`` [3|4,3|4]) of a reconstruction (or of a copy whose ``f3`` /
+        ``means`` are the train step's cut leaves, :meth:`SharedState.with_outputs`: they collect this view's gradient).
 
         Returns ``rgb`` [H, W, 3] (composite, clamped to [0, 1]) and ``accumulation`` [H, W, 1] (foreground
         opacity); with ``render_depth`` or ``composite="separate"`` also the ``foreground`` and ``background``
@@ -248,12 +289,11 @@ class EvolSplatModel(Model):
         from evolsplat_ns.model.render import render_gaussians
         from evolsplat_ns.model.rasterize_torch import sh_to_rgb
 
-        f3, means = tensors["f3"], tensors["means"]
-        fw, base_rgb = shared.aux["fw"], shared.aux.get("base_rgb")
+        f3, means, fw, base_rgb = shared.f3, shared.means, shared.fw, shared.base_rgb
         dist, direction = view_inputs(means, c2w[:3, 3])
         vd = torch.cat([dist, direction], dim=-1)
         dlog, quats, opa = self.heads.predict_geometry(f3, vd)
-        scales = torch.exp(dlog + shared.aux["base_log_scale"])
+        scales = torch.exp(dlog + shared.base_log_scale)
         if self.config.view_cull:  # only Gaussians that can reach this image go through the colour head and rasterizer
             keep = visible_gaussians(means, scales, c2w, K, height, width)
             if keep.numel() < CULL_MIN_FRACTION * means.shape[0]:  # else gathering the rows costs more than it saves
@@ -265,7 +305,7 @@ class EvolSplatModel(Model):
         backend = self.config.rasterizer
         src = shared.source
         cull = (K, height, width) if self.config.view_cull else ()
-        bg_means, bg_rgb, bg_scales, bg_opa = self.background(shared.aux["ref_c2w"], c2w, src.image, src.extrinsics,
+        bg_means, bg_rgb, bg_scales, bg_opa = self.background(shared.ref_c2w, c2w, src.image, src.extrinsics,
                                                                src.intrinsics, *cull)
         bg_quats = torch.zeros(bg_means.shape[0], 4, device=bg_means.device, dtype=bg_means.dtype)
         bg_quats[:, 0] = 1.0
@@ -305,11 +345,11 @@ class EvolSplatModel(Model):
         The colour decoder is conditioned on the viewing camera; a static 3DGS file cannot be, so the SH
         coefficients decoded for ``c2w`` (default: the segment's middle source camera) are exported.
         """
-        c2w = shared.aux["ref_c2w"] if c2w is None else c2w
-        f3, means = shared.tensors["f3"], shared.tensors["means"]
+        c2w = shared.ref_c2w if c2w is None else c2w
+        means = shared.means
         dist, direction = view_inputs(means, c2w[:3, 3])
-        sh, dlog, quats, opa = self.heads.predict_view(f3, shared.aux["fw"], dist, direction, shared.aux.get("base_rgb"))
-        return {"means": means, "sh": sh, "opacity_logit": opa, "log_scales": dlog + shared.aux["base_log_scale"],
+        sh, dlog, quats, opa = self.heads.predict_view(shared.f3, shared.fw, dist, direction, shared.base_rgb)
+        return {"means": means, "sh": sh, "opacity_logit": opa, "log_scales": dlog + shared.base_log_scale,
                 "quats": quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)}
 
     # ----------------------------------------------------------------------------------------------- losses
@@ -407,7 +447,7 @@ class EvolSplatModel(Model):
         shared, _ = self._display
         c2w, K = from_nerfstudio_cameras(camera.to(self.device))
         H, W = int(camera.height.reshape(-1)[0]), int(camera.width.reshape(-1)[0])
-        out = self.render_view(shared.tensors, shared, c2w[0].float(), K[0].float(), H, W, render_depth=True)
+        out = self.render_view(shared, c2w[0].float(), K[0].float(), H, W, render_depth=True)
         # Layers: rgb (composite), foreground, background, accumulation (foreground opacity) and depth, the expected
         # depth of the composite (the dome counted at its radius). With foreground depth alone, uncovered pixels
         # would have depth 0, and the browser viewer, which composites its frustums and grid by this depth, would
@@ -420,6 +460,10 @@ class EvolSplatModel(Model):
         gt = batch["image"].to(outputs["rgb"].device)
         m = self.image_metrics(outputs["rgb"], gt)
         return m, {"img": torch.cat([gt, outputs["rgb"]], dim=1), "accumulation": outputs["accumulation"]}
+
+
+def _no_stage(name: str) -> ContextManager:
+    return contextlib.nullcontext()
 
 
 def _ssim_window(h: int, w: int) -> int:

@@ -123,6 +123,15 @@ def final_backward(ddp: DDP) -> Callable[[List[Tensor], List[Tensor]], None]:
     return run
 
 
+def train_step_hooks(ddp: DDP) -> "DistributedHooks":
+    """What the train step does differently in a multi-GPU run (:class:`~evolsplat_ns.pipeline.train_step.
+    DistributedHooks`): one gradient all-reduce on the last backward, a joint skip decision, buffers synced after."""
+    from evolsplat_ns.pipeline.train_step import DistributedHooks
+
+    return DistributedHooks(no_sync=ddp.no_sync, final_backward=final_backward(ddp), reduce_status=reduce_step_status,
+                            after_step=lambda: sync_buffers(ddp))
+
+
 def reduce_step_status(finite: bool, loss: float, device: Any) -> Tuple[bool, float]:
     """Joint decision and logging value over all ranks: (every rank finite, mean loss over the ranks)."""
     t = torch.tensor([0.0 if finite else 1.0, float(loss) if finite else 0.0], dtype=torch.float64,

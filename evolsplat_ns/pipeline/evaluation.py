@@ -4,7 +4,7 @@ Used by ``ns-eval`` (``EvolSplatPipeline.get_average_eval_image_metrics``, also 
 all-images evaluation) and by ``evolsplat-ns-infer``, so that both score the same images the same way. It walks the
 datamanager's evaluation plan (:mod:`evolsplat_ns.data.eval_plan`): per planned batch, the segment is made active
 (its Gaussians initialised from its point cloud the first time), reconstructed once from the batch's source
-views, and each target view is rendered (reference composite, :meth:`EvolSplatPipeline.render_target`) and
+views, and each target view is rendered (reference composite, :func:`render_target`) and
 scored: one metric row per held-out image (scene, segment, frame, camera, psnr, ssim, lpips when its weights are
 available). Optionally each image is saved as a side-by-side PNG: ground truth | prediction | error.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -71,6 +71,34 @@ class EvalResult:
         return [asdict(b) for b in self.batches]
 
 
+@torch.no_grad()
+def render_target(model, batch: SegmentBatch, shared, v: int) -> Dict[str, torch.Tensor]:
+    """Target view ``v`` of ``batch`` from its reconstruction ``shared``, as evaluation scores it: with depth, so
+    through the reference composite ``fg + (1 - alpha_fg) bg`` (two rasterizations)."""
+    tgt = batch.target
+    return model.render_view(shared, tgt.extrinsics[v], tgt.intrinsics[v], tgt.height, tgt.width, render_depth=True)
+
+
+def batch_losses_and_metrics(model, batch: SegmentBatch, outs: List[Dict[str, torch.Tensor]], step: int
+                             ) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
+    """The training loss terms and the image metrics of the rendered target views ``outs``, each averaged over the
+    views (nerfstudio's periodic evaluation batch)."""
+    gt = batch.target.image
+    losses = [model.view_loss(o, gt[v], step) for v, o in enumerate(outs)]
+    metrics = [model.image_metrics(o["rgb"], gt[v]) for v, o in enumerate(outs)]
+    return ({k: torch.stack([l[k] for l in losses]).mean() for k in losses[0]},
+            {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]})
+
+
+def view_metrics_and_images(model, batch: SegmentBatch, shared, v: int) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """nerfstudio's periodic evaluation image: metrics of target view ``v`` and the images it logs (ground truth |
+    prediction | error, and the foreground accumulation)."""
+    o, gt = render_target(model, batch, shared, v), batch.target.image[v]
+    metrics: Dict[str, Any] = model.image_metrics(o["rgb"], gt)
+    metrics["num_rays"] = int(gt.shape[0] * gt.shape[1])  # the Trainer logs rendered pixels per second
+    return metrics, {"img": torch.cat([gt, o["rgb"], (o["rgb"] - gt).abs()], dim=1), "accumulation": o["accumulation"]}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -115,9 +143,9 @@ def evaluate(pipeline, render_dir: Optional[Path] = None, description: str = "Ev
                 source_frames=sorted(set(batch.source.frame_indices.tolist())),
                 target_frames=sorted(set(batch.target.frame_indices.tolist())),
                 init_ms=1000 * (t1 - t0) if is_new else 0.0, reconstruction_ms=1000 * (t2 - t1),
-                num_gaussians=int(shared.tensors["means"].shape[0])))
+                num_gaussians=shared.num_gaussians))
             for v in range(len(batch.target)):
-                pred = pipeline.render_target(batch, shared, v)["rgb"]
+                pred = render_target(model, batch, shared, v)["rgb"]
                 gt = batch.target.image[v]
                 row: Dict[str, Any] = {"scene": scene.name, "scene_id": batch.scene_id, "segment": batch.segment_id,
                                        "frame": int(batch.target.frame_indices[v]),

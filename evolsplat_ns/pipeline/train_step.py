@@ -59,14 +59,14 @@ class TrainStep:
         T, H, W = len(tgt), tgt.height, tgt.width
         parts: List[Dict[str, torch.Tensor]] = []
 
-        def view_loss(leaves, v):
-            out = model.render_view(leaves, shared, tgt.extrinsics[v], tgt.intrinsics[v], H, W)
+        def view_loss(leaves, v):  # rendered from the state with its gradient fields cut (leaves)
+            out = model.render_view(shared.with_outputs(leaves), tgt.extrinsics[v], tgt.intrinsics[v], H, W)
             ld = model.view_loss(out, tgt.image[v], step)
             parts.append({k: x.detach() for k, x in ld.items()})  # read back once, after all views
             return sum(ld.values())
 
         scaler = grad_scaler if (grad_scaler is not None and grad_scaler.is_enabled()) else None
-        losses = multiview_backward(shared.tensors, view_loss, T, scale=scaler.scale if scaler else None,
+        losses = multiview_backward(shared.outputs(), view_loss, T, scale=scaler.scale if scaler else None,
                                     no_sync=ddp.no_sync if ddp is not None else None,
                                     final_backward=ddp.final_backward if ddp is not None else None)
         total = sum(losses) / T
@@ -89,7 +89,7 @@ class TrainStep:
             "view_loss_mean": total,
             "view_loss_min": min(losses),
             "view_loss_max": max(losses),
-            "num_gaussians": int(shared.tensors["means"].shape[0]),
+            "num_gaussians": shared.num_gaussians,
             "skipped_steps": self.skipped_steps,
         }
         for key in parts[0]:

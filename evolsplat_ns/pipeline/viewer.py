@@ -1,7 +1,7 @@
 """What nerfstudio's browser viewer shows of a feed-forward model, besides the render itself.
 
-A feed-forward model has no single scene: the pipeline's "Segment to display" dropdown picks a segment, which is
-reconstructed from its source views (:meth:`EvolSplatPipeline.show_segment`) and cached until the next refresh.
+A feed-forward model has no single scene: :class:`SegmentDisplay` owns the pipeline's "Segment to display"
+dropdown; the picked segment is reconstructed from its fixed evaluation views and cached until the next refresh.
 :class:`SegmentCameras` (a nerfstudio ``ViewerControl``, found on the pipeline by the viewer, which hands it its
 viser server) adds the displayed segment's cameras to the 3D scene:
 
@@ -15,8 +15,8 @@ viser server) adds the displayed segment's cameras to the 3D scene:
   origin) are hidden once ours are drawn; the viewer's "Show Train Cams" button brings them back.
 
 :class:`SegmentPicker` hands the dropdown's choice from the GUI thread to the training thread (a lock, a pending
-flag); the pipeline applies it in a training callback that runs after each train iteration (never inside the train
-step): a new pick is reconstructed at the next such point, and the picked segment is refreshed every
+flag); :meth:`SegmentDisplay.after_train_iteration`, a training callback that runs after each train iteration (never
+inside the train step), applies it: a new pick is reconstructed at the next such point, and the picked segment is refreshed every
 ``viewer_refresh_every`` steps; without a pick the display follows training. Between training steps (paused, or
 finished) the next render applies the pick instead.
 
@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
-from nerfstudio.viewer.viewer_elements import ViewerControl
+from nerfstudio.viewer.viewer_elements import ViewerControl, ViewerDropdown
 
 #: nerfstudio.viewer.viewer.VISER_NERFSTUDIO_SCALE_RATIO (viser scene units per metre); importing that module pulls
 #: in the whole viewer, so the constant is repeated here and checked by a test.
@@ -83,6 +83,81 @@ class SegmentPicker:
         if choice is not None and (pending or step % max(1, int(refresh_every)) == 0):
             return choice
         return None
+
+
+def segment_labels(datamanager) -> Dict[str, Tuple[int, int]]:
+    """Dropdown label -> ``(scene_id, segment_id)`` of every segment, evaluation scenes first."""
+    dm = datamanager
+    out: Dict[str, Tuple[int, int]] = {}
+    for role, ids in (("eval", dm.eval_scene_ids), ("train", dm.train_scene_ids)):
+        for sid in ids:
+            for seg in dm.index[sid].segments:
+                out[f"{role} · scene {sid} ({dm.scenes[sid].name}) · segment {seg.segment_id}"] = (sid, seg.segment_id)
+    return out
+
+
+class SegmentDisplay:
+    """Which reconstruction the viewer (and ns-eval's renders through ``get_outputs_for_camera``) shows.
+
+    Args:
+        model: the feed-forward model; its ``display_provider`` becomes :meth:`show_default`.
+        datamanager: gives the segments, their labels and their fixed evaluation batches.
+        reconstruct: ``batch -> shared state``, reconstructing the batch's segment and making it the model's display
+            (the pipeline's ``reconstruct``).
+        refresh_every: a picked segment is reconstructed again every this many train steps (current weights).
+
+    The pipeline exposes :attr:`dropdown` and :attr:`cameras` as its own attributes: nerfstudio's viewer finds its
+    GUI elements and controls only there.
+    """
+
+    def __init__(self, model, datamanager, reconstruct: Callable[[Any], Any], refresh_every: int) -> None:
+        self.model, self.datamanager = model, datamanager
+        self.reconstruct, self.refresh_every = reconstruct, int(refresh_every)
+        self.picker = SegmentPicker(segment_labels(datamanager))
+        labels = list(self.picker.labels)
+        self.dropdown = ViewerDropdown("Segment to display", labels[0], labels, cb_hook=self._on_pick)
+        self.cameras = SegmentCameras()
+        self._last_trained: Optional[Tuple[Any, Any]] = None
+        model.display_provider = self.show_default
+
+    def _on_pick(self, element) -> None:
+        """GUI thread: only record the choice; the reconstruction runs on the training / rendering thread."""
+        self.picker.pick(element.value)
+        self.cameras.request_move()  # browsers look at the picked segment once it is shown
+        # The next render reconstructs it (or the next training callback, whichever comes first): this also works
+        # when training is paused or finished. The viewer runs this callback under its train lock.
+        self.model.clear_display()
+
+    def show_default(self) -> None:
+        """Nothing displayed yet: the picked segment, else the first evaluation segment."""
+        choice, _ = self.picker.take()
+        self.show(*(choice or self.datamanager.eval_keys()[0]))
+
+    @torch.no_grad()
+    def show(self, scene_id: int, segment_id: int):
+        """Reconstruct (scene, segment) from its fixed evaluation views and make it what the viewer renders."""
+        batch = self.datamanager.eval_batch(scene_id, segment_id)
+        shared = self.reconstruct(batch)
+        self.cameras.show(batch, (scene_id, segment_id))  # no-op without a viewer or if already drawn
+        return shared
+
+    def trained(self, shared, batch) -> None:
+        """The train step's result (detached): what the display follows while nothing is picked."""
+        self._last_trained = (shared, batch)
+
+    def after_train_iteration(self, step: int) -> None:
+        """Training callback, after each train iteration: follow training, or show the picked segment
+        (reconstructed when newly picked, refreshed every ``refresh_every`` steps)."""
+        if self.picker.choice is None:
+            if self._last_trained is not None:
+                shared, batch = self._last_trained
+                key = (batch.scene_id, batch.segment_id)
+                self.model.set_display(shared, key)
+                self.cameras.show(batch, key)  # draws only on a new segment
+            return
+        key = self.picker.due(step, self.refresh_every)
+        if key is not None:
+            self.show(*key)
 
 
 def _views_to_numpy(views, image_height: int) -> List[Dict[str, Any]]:

@@ -233,6 +233,26 @@ def build_all(
     return out
 
 
+def build_missing(
+    items: Iterable[Tuple[SceneRecord, Segment, InputFrames]],
+    generator: RGBPointCloudGenerator,
+    cache: PointCloudCache,
+    quiet: bool = False,
+    description: Optional[str] = None,
+) -> int:
+    """:func:`build_all` (with KNN scales) for those of ``items`` that ``cache`` lacks (duplicates once); returns
+    how many were built."""
+    todo, seen = [], set()
+    for scene, segment, input_frames in items:
+        key = (scene.scene_id, segment.segment_id)
+        if key not in seen and not cache.is_built(generator, scene, segment, input_frames):
+            todo.append((scene, segment, input_frames))
+        seen.add(key)
+    if todo:
+        build_all(todo, generator, cache, quiet=quiet, with_knn=True, description=description)
+    return len(todo)
+
+
 def segments_of(index, input_frames: InputFrames = None) -> List[Tuple[SceneRecord, Segment, InputFrames]]:
     """``(scene, segment, input_frames)`` items of a :class:`~evolsplat_ns.data.scene_index.SceneIndex`."""
     return [(index.scene, seg, input_frames) for seg in index.segments]

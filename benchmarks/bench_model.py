@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sparse_unet import street_points  # noqa: E402
 
 from evolsplat_ns.data.batch import SegmentBatch, Views  # noqa: E402
+from evolsplat_ns.model.heads import view_inputs  # noqa: E402
 from evolsplat_ns.pipeline.multiview_backward import multiview_backward  # noqa: E402
 
 # Boxes of the reference (OpenCV camera frame: x right, y down, z forward), re-expressed in the benchmark's
@@ -65,7 +66,25 @@ def views(xs, H, W, device, seed) -> Views:
     )
 
 
-def build_model(device, points, volume_sampling="sparse", volume_aabb=None, bg_points=700 * 700):
+def load_weights(model, checkpoint: Path) -> dict:
+    """The network weights (U-Net, heads, background) of an evolsplat-ff checkpoint with 3 source views, so that
+    the benchmark pays what a trained model pays (untrained heads give every point opacity ~0.5: no pixel stops
+    early in the rasterizer). Segment states are not loaded: the benchmark's own segment is the workload."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["pipeline"]
+    sd = {}
+    for k, v in state.items():
+        if k.startswith("_model.") and not k.endswith("segments._extra_state"):
+            sd[k[len("_model."):].removeprefix("module.")] = v
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("segments._extra_state")]
+    if missing or unexpected:
+        raise SystemExit(f"error: {checkpoint}: weights of another model configuration (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); train with 3 source views (one camera) and default options")
+    return {"checkpoint": str(checkpoint), "step": int(torch.load(checkpoint, map_location="cpu",
+                                                                  weights_only=True)["step"])}
+
+
+def build_model(device, points, volume_sampling="sparse", volume_aabb=None, bg_points=700 * 700, weights=None):
     from nerfstudio.data.scene_box import SceneBox
 
     from evolsplat_ns.model.evolsplat import EvolSplatModelConfig
@@ -79,6 +98,8 @@ def build_model(device, points, volume_sampling="sparse", volume_aabb=None, bg_p
                        device=device)
     state = {k: g[k] for k in ("means", "colours", "log_scales", "offset")}
     model.segments.activate(0, 0, lambda: state)
+    if weights is not None:
+        load_weights(model, weights)
     return model
 
 
@@ -155,6 +176,8 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="fewer iterations, T in {1, 3}, no B4")
     ap.add_argument("--out", default="outputs/bench_model.json")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="an evolsplat-ff checkpoint (3 source views) whose network weights are measured")
     args = ap.parse_args()
     device = torch.device(args.device)
     iters, warm = (2, 1) if args.quick else (args.iters, 2)
@@ -169,6 +192,7 @@ def main():
     report = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor(),
               "torch": torch.__version__, "image": [H, W], "source_views": 3}
     model = build_model(device, pts, bg_points=700 * 700 if not args.quick else 20000)
+    report["weights"] = load_weights(model, args.weights) if args.weights else "untrained (random initialisation)"
     model.train()
 
     # B1: reconstruction (shared extraction), first time (kernel maps built) and cached
@@ -234,6 +258,12 @@ def main():
 
         v0 = visible_gaussians(shared.means, torch.exp(shared.base_log_scale), tgt.extrinsics[0],
                                tgt.intrinsics[0], tgt.height, tgt.width)
+        _, _, opa = model.heads.predict_geometry(shared.f3, torch.cat(view_inputs(shared.means,
+                                                                                  tgt.extrinsics[0][:3, 3]), -1))
+        opa = torch.sigmoid(opa)
+        if opa.numel():  # the heads' opacities for this view: ~0.5 everywhere when untrained
+            b2["opacity"] = {"mean": float(opa.mean()), "fraction_above_0.9": float((opa > 0.9).float().mean()),
+                             "fraction_below_0.05": float((opa < 0.05).float().mean())}
     b2["num_gaussians"] = shared.num_gaussians
     b2["num_in_view_bound"] = int(v0.numel())
     report["B2_render"] = b2
@@ -262,7 +292,7 @@ def main():
             for mode in ("sparse", "dense"):
                 del model
                 torch.cuda.empty_cache()
-                model = build_model(device, pts, volume_sampling=mode, volume_aabb=box)
+                model = build_model(device, pts, volume_sampling=mode, volume_aabb=box, weights=args.weights)
                 model.train()
                 train_step(model, one, "ours")  # warm (kernel maps)
                 torch.cuda.synchronize()

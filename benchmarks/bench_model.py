@@ -234,9 +234,11 @@ def main():
     model.eval()
     variants = {"default": {}, "no_view_cull": {"view_cull": False}, "joint_composite": {"composite": "joint"},
                 "no_tf32": {"tf32": False}, "previous_path": {"view_cull": False, "tf32": False}}
+    if device.type == "cuda":  # compiled decode (torch.compile; fused kernels, then also CUDA graphs)
+        variants.update(compiled_fuse={"compile_decode": "fuse"}, compiled_graphs={"compile_decode": "graphs"})
     b2 = {}
     cfg = model.config
-    defaults = {"view_cull": cfg.view_cull, "composite": cfg.composite}
+    defaults = {"view_cull": cfg.view_cull, "composite": cfg.composite, "compile_decode": cfg.compile_decode}
     with torch.no_grad():
         shared = model.extract_shared(batch)
         tgt = batch.target
@@ -246,7 +248,11 @@ def main():
                     setattr(cfg, k, v)
             if device.type == "cuda":
                 torch.backends.cuda.matmul.allow_tf32 = over.get("tf32", cfg.tf32_matmul)
-            r = timed(lambda: render_one(model, shared, tgt, 0), iters * 3, warm, device)
+            warmup = warm + (5 if "compile_decode" in over else 0)  # compile, record the graph
+            t_first = time.perf_counter()
+            r = timed(lambda: render_one(model, shared, tgt, 0), iters * 3, warmup, device)
+            if "compile_decode" in over:
+                r["first_calls_s"] = time.perf_counter() - t_first - r["median_ms"] * iters * 3 / 1000
             r["fps"] = 1000.0 / r["median_ms"]
             b2[name] = r
             print("B2", name, r, flush=True)

@@ -101,6 +101,11 @@ class EvolSplatModelConfig(ModelConfig):
     tf32_matmul: bool = False
     """Let CUDA matmuls (heads, sparse convolutions) use TF32 tensor cores: ~1 ms less per rendered view (B2). A
     process-wide torch setting, so it is off by default (it would also change the precision of the user's code)."""
+    compile_decode: Literal["off", "fuse", "graphs"] = "off"
+    """Renders without gradient on CUDA (viewer, evaluation, inference): decode every point's Gaussian with the
+    heads compiled by ``torch.compile`` ('fuse': fused kernels; 'graphs': also CUDA graphs, mode reduce-overhead),
+    instead of view culling + eager heads. The first render of each point count compiles (seconds). Training is
+    always eager. Tested against the eager decode on the GPU machine."""
     rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
     """gsplat on CUDA, the pure-PyTorch reference rasterizer on the CPU (slow; tests and small demos)."""
     pointcloud: PointCloudOptions = field(default_factory=PointCloudOptions)
@@ -187,6 +192,7 @@ class EvolSplatModel(Model):
         self._lpips = None
         self._lpips_failed = False
         self._display: Optional[Tuple[SharedState, Tuple[int, int]]] = None
+        self._compiled: Optional[Tuple[str, Callable]] = None
         self.display_provider: Optional[Callable[[], None]] = None
         """Called by a render when nothing is displayed yet; it should reconstruct a segment and ``set_display`` it
         (the pipeline's: the viewer's choice, else the first evaluation segment)."""
@@ -292,15 +298,20 @@ class EvolSplatModel(Model):
         f3, means, fw, base_rgb = shared.f3, shared.means, shared.fw, shared.base_rgb
         dist, direction = view_inputs(means, c2w[:3, 3])
         vd = torch.cat([dist, direction], dim=-1)
-        dlog, quats, opa = self.heads.predict_geometry(f3, vd)
-        scales = torch.exp(dlog + shared.base_log_scale)
-        if self.config.view_cull:  # only Gaussians that can reach this image go through the colour head and rasterizer
-            keep = visible_gaussians(means, scales, c2w, K, height, width)
-            if keep.numel() < CULL_MIN_FRACTION * means.shape[0]:  # else gathering the rows costs more than it saves
-                means, scales, quats, opa, fw, vd, direction = (
-                    x[keep] for x in (means, scales, quats, opa, fw, vd, direction))
-                base_rgb = base_rgb[keep] if base_rgb is not None else None
-        sh = self.heads.predict_colour(fw, vd, base_rgb)
+        compiled = self.compiled_decode()
+        if compiled is not None:  # no gradient on CUDA: every point through the compiled decode, no host sync
+            scales, quats, opa, sh = compiled(f3, fw, vd, base_rgb, shared.base_log_scale)
+        else:
+            dlog, quats, opa = self.heads.predict_geometry(f3, vd)
+            scales = torch.exp(dlog + shared.base_log_scale)
+            if self.config.view_cull:  # only Gaussians that can reach this image go through the colour head
+                keep = visible_gaussians(means, scales, c2w, K, height, width)
+                if keep.numel() < CULL_MIN_FRACTION * means.shape[0]:  # else gathering costs more than it saves
+                    means, scales, quats, opa, fw, vd, direction = (
+                        x[keep] for x in (means, scales, quats, opa, fw, vd, direction))
+                    base_rgb = base_rgb[keep] if base_rgb is not None else None
+            sh = self.heads.predict_colour(fw, vd, base_rgb)
+            opa = torch.sigmoid(opa)
         K3 = K[:3, :3]
         backend = self.config.rasterizer
         src = shared.source
@@ -323,11 +334,11 @@ class EvolSplatModel(Model):
             bg_scales = DOME_SORT_SCALE * bg_scales
             out = render_gaussians(
                 torch.cat([means, bg_means]), torch.cat([quats, bg_quats]), torch.cat([scales, bg_scales]),
-                torch.cat([torch.sigmoid(opa), bg_opa]),
+                torch.cat([opa, bg_opa]),
                 torch.cat([torch.cat([fg_rgb, ones], -1), torch.cat([bg_rgb, zeros], -1)]),
                 c2w, K3, width, height, backend=backend)
             return {"rgb": torch.clamp(out["rgb"][..., :3], 0.0, 1.0), "accumulation": out["rgb"][..., 3:]}
-        fg = render_gaussians(means, quats, scales, torch.sigmoid(opa), sh, c2w, K3, width, height,
+        fg = render_gaussians(means, quats, scales, opa, sh, c2w, K3, width, height,
                               sh_degree=self.config.sh_degree, render_depth=render_depth, backend=backend)
         bg = render_gaussians(bg_means, bg_quats, bg_scales, bg_opa, bg_rgb, c2w, K3, width, height,
                               backend=backend)
@@ -337,6 +348,17 @@ class EvolSplatModel(Model):
         if render_depth:
             out["depth"] = fg["depth"]
         return out
+
+    def compiled_decode(self):
+        """The compiled per-view decode (:meth:`GaussianHeads.decode`) when ``compile_decode`` applies to this
+        render (CUDA, no gradient), else None."""
+        mode = self.config.compile_decode
+        if mode == "off" or torch.is_grad_enabled() or self.device.type != "cuda":
+            return None
+        if self._compiled is None or self._compiled[0] != mode:
+            fn = torch.compile(self.heads.decode, mode="reduce-overhead" if mode == "graphs" else "default")
+            self._compiled = (mode, fn)
+        return self._compiled[1]
 
     @torch.no_grad()
     def export_gaussians(self, shared: SharedState, c2w: Optional[Tensor] = None) -> Dict[str, Tensor]:

@@ -85,6 +85,18 @@ class GaussianHeads(nn.Module):
         dlog, quats, opa = self.predict_geometry(f3, vd)
         return self.predict_colour(fw, vd, base_rgb), dlog, quats, opa
 
+    def decode(self, f3: Tensor, fw: Tensor, vd: Tensor, base_rgb: Optional[Tensor], base_log_scale: Tensor
+               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Every point's Gaussian for one view, activations included, in one function without host syncs (what
+        ``compile_decode`` compiles; this eager version is its reference twin).
+
+        Returns:
+            scales ``[N, 3]`` (linear), quaternions ``[N, 4]`` (unnormalised), opacities ``[N]`` (post-sigmoid),
+            SH ``[N, (sh_degree+1)^2, 3]``.
+        """
+        dlog, quats, opa = self.predict_geometry(f3, vd)
+        return torch.exp(dlog + base_log_scale), quats, torch.sigmoid(opa), self.predict_colour(fw, vd, base_rgb)
+
     def predict_geometry(self, f3: Tensor, vd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Log-scale residual ``[N, 3]``, quaternion ``[N, 4]``, opacity logit ``[N]`` from ``f3`` and
         ``vd = [dist, direction]`` ``[N, 4]`` (the cheap heads: they decide which points a view can see)."""

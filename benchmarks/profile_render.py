@@ -1,7 +1,8 @@
 """Where the time goes at KITTI-360 size: torch.profiler over render_view (B2) and over the shared extraction of a
 segment seen for the first time, kernel maps included (B1).
 
-Usage (GPU machine): ``python benchmarks/profile_render.py``
+Usage (GPU machine): ``python benchmarks/profile_render.py [CHECKPOINT]`` (a trained evolsplat-ff checkpoint with 3
+source views: profile what trained weights pay; default untrained)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def main():
     device = torch.device("cuda")
     pts = street_points(420_000, 0.1, 0, "cpu").float()[:1_050_000].to(device)
     batch = SegmentBatch(0, 0, views([1.0, 3.0, 5.0], 376, 1408, device, 1), views([2.0], 376, 1408, device, 2), True)
-    model = build_model(device, pts).eval()
+    model = build_model(device, pts, weights=Path(sys.argv[1]) if len(sys.argv) > 1 else None).eval()
     with torch.no_grad():
         shared = model.extract_shared(batch)
         for _ in range(5):

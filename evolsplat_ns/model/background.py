@@ -59,7 +59,8 @@ class HemisphereBackground(nn.Module):
         self.colour = mlp([3 * num_views, 64, 6], out_act=nn.Tanh)
 
     def forward(self, ref_c2w: Tensor, target_c2w: Tensor, src_images: Tensor, src_c2w: Tensor, src_K: Tensor,
-                target_K: Optional[Tensor] = None, height: Optional[int] = None, width: Optional[int] = None):
+                target_K: Optional[Tensor] = None, height: Optional[int] = None, width: Optional[int] = None,
+                compact: bool = True):
         """Background Gaussians in world coordinates for one target view.
 
         Args:
@@ -68,6 +69,9 @@ class HemisphereBackground(nn.Module):
             target_K, height, width: when given, dome points that cannot reach the target image (bounded with
                 the largest scale the colour head can give, ``e`` times the lattice spacing) are dropped before
                 the colour head; the rendered image is unchanged.
+            compact: drop the points no source view sees (and, with ``target_K``, those outside the image). False:
+                keep every point, with opacity 0 where it would be dropped: the same image, fixed shapes and no
+                host synchronisation (the path that ``compile_decode`` renders).
         Returns:
             means ``[M, 3]``, colours ``[M, 3]`` in [0, 1], scales ``[M, 3]`` (linear), opacities ``[M]`` (ones).
         """
@@ -76,14 +80,16 @@ class HemisphereBackground(nn.Module):
         local = self.points + self.center + torch.stack(
             [torch.zeros_like(target_in_ref[2]), torch.zeros_like(target_in_ref[2]), target_in_ref[2]])
         world = local @ ref_c2w[:3, :3].T + ref_c2w[:3, 3]
-        if target_K is not None:
+        if target_K is not None and compact:
             from evolsplat_ns.model.render import visible_gaussians
 
             bound = torch.full_like(world[:, :1], math.exp(self.base_log_scale + 1.0))
             world = world[visible_gaussians(world, bound.expand(-1, 3), target_c2w, target_K, height, width)]
         feats, valid = sample_colours(world, src_images, src_c2w, src_K)
         keep = valid.any(dim=1)
-        out = self.colour(feats[keep])
+        if compact:
+            world, feats = world[keep], feats[keep]
+        out = self.colour(feats)
         rgb = 0.5 * (out[:, :3] + 1.0)
         scales = torch.exp(self.base_log_scale + out[:, 3:])  # Tanh residual: within e^(+-1) of the spacing
-        return world[keep], rgb, scales, torch.ones_like(rgb[:, 0])
+        return world, rgb, scales, (torch.ones_like(rgb[:, 0]) if compact else keep.to(rgb.dtype))

@@ -299,7 +299,8 @@ class EvolSplatModel(Model):
         dist, direction = view_inputs(means, c2w[:3, 3])
         vd = torch.cat([dist, direction], dim=-1)
         compiled = self.compiled_decode()
-        if compiled is not None:  # no gradient on CUDA: every point through the compiled decode, no host sync
+        if compiled is not None:  # no gradient on CUDA: every point through the compiled decode, no host sync (the
+            # background keeps fixed shapes too: its dropped points get opacity 0)
             scales, quats, opa, sh = compiled(f3, fw, vd, base_rgb, shared.base_log_scale)
         else:
             dlog, quats, opa = self.heads.predict_geometry(f3, vd)
@@ -315,9 +316,9 @@ class EvolSplatModel(Model):
         K3 = K[:3, :3]
         backend = self.config.rasterizer
         src = shared.source
-        cull = (K, height, width) if self.config.view_cull else ()
+        cull = (K, height, width) if self.config.view_cull else (None, None, None)
         bg_means, bg_rgb, bg_scales, bg_opa = self.background(shared.ref_c2w, c2w, src.image, src.extrinsics,
-                                                               src.intrinsics, *cull)
+                                                               src.intrinsics, *cull, compact=compiled is None)
         bg_quats = torch.zeros(bg_means.shape[0], 4, device=bg_means.device, dtype=bg_means.dtype)
         bg_quats[:, 0] = 1.0
         if self.config.composite == "joint" and not render_depth:

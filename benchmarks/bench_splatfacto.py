@@ -16,20 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 class _NoLPIPS(torch.nn.Module):
@@ -63,53 +56,6 @@ def _save_png(path: Path, img: torch.Tensor) -> None:
     Image.fromarray((img.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)).save(path)
 
 
-def export_scene(pipe, scene_id: int, out: Path):
-    """Write one held-out scene as a nerfstudio dataset; returns the targets (GT tensors, in test order)."""
-    from evolsplat_ns.cameras import opencv_to_opengl
-    from evolsplat_ns.pointcloud.plyio import write_ply_atomic
-
-    dm, model = pipe.datamanager, pipe.ff_model
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    frames, train, test, targets, seen, clouds = [], [], [], [], set(), set()
-    points, colours = [], []
-
-    def add(views, v, name):
-        c2w = views.extrinsics[v].double().cpu().numpy()
-        K = views.intrinsics[v].double().cpu().numpy()
-        _save_png(out / name, views.image[v])
-        frames.append({"file_path": name, "transform_matrix": opencv_to_opengl(c2w).tolist(),
-                       "fl_x": K[0, 0], "fl_y": K[1, 1], "cx": K[0, 2], "cy": K[1, 2],
-                       "w": int(views.width), "h": int(views.height)})
-
-    for batch in dm.eval_batches():
-        if batch.scene_id != scene_id:
-            continue
-        src, tgt = batch.source, batch.target
-        for v in range(len(src)):
-            key = ("src", int(src.frame_indices[v]), int(src.cam_indices[v]))
-            if key not in seen:
-                seen.add(key)
-                name = f"images/src_{key[1]:04d}_{key[2]}.png"
-                add(src, v, name)
-                train.append(name)
-        for v in range(len(tgt)):  # every scored view, in B7a's order (the evaluation plan scores each once)
-            name = f"images/tgt_{len(test):04d}.png"
-            add(tgt, v, name)
-            test.append(name)
-            targets.append(tgt.image[v].cpu())
-        if (batch.scene_id, batch.segment_id) in clouds:
-            continue  # several evaluation batches can share a segment: its cloud once
-        clouds.add((batch.scene_id, batch.segment_id))
-        pipe.activate(batch.scene_id, batch.segment_id)
-        points.append(model.segments.current["means"].cpu().numpy())
-        colours.append(model.segments.current["colours"].cpu().numpy())
-    write_ply_atomic(out / "points.ply", np.concatenate(points), np.concatenate(colours))
-    meta = {"camera_model": "OPENCV", "frames": frames, "train_filenames": train, "val_filenames": test,
-            "test_filenames": test, "ply_file_path": "points.ply"}
-    (out / "transforms.json").write_text(json.dumps(meta, indent=1))
-    return targets, len(train)
-
-
 def feed_forward_renders(pipe, scene_id: int):
     """Our renders of the scene's held-out images, through the one evaluation path (plan order)."""
     from evolsplat_ns.pipeline.evaluation import evaluate
@@ -124,19 +70,16 @@ def feed_forward_renders(pipe, scene_id: int):
     return outs
 
 
-def score(metric_fn, preds, targets):
-    rows = [metric_fn(p.to(t.device), t) for p, t in zip(preds, targets)]
-    return {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
-
-
 def run_splatfacto(scene_dir: Path, runs_dir: Path, name: str, budgets, metric, targets):
-    """nerfstudio's splatfacto, unchanged, trained on ``scene_dir`` (written by :func:`export_scene`) on the clock
-    (evaluation time excluded) and scored after each budget (seconds) on its test views against ``targets`` with
-    ``metric``. Returns ({"splatfacto_<budget>s": scores...}, {key: renders})."""
+    """nerfstudio's splatfacto, unchanged, trained on ``scene_dir`` (an exported scene with its seed cloud) on the
+    clock (evaluation time excluded: :func:`evolsplat_ns.finetune.run.train_on_the_clock`) and scored after each
+    budget (seconds) on its test views against ``targets`` with ``metric``. Returns ({"splatfacto_<budget>s":
+    scores...}, {key: renders})."""
     import torchmetrics.image.lpip as lpip_module
     from nerfstudio.configs.method_configs import all_methods
     from nerfstudio.data.dataparsers.nerfstudio_dataparser import Nerfstudio
-    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+
+    from evolsplat_ns.finetune.run import mean_metrics, render_test_views, train_on_the_clock
 
     lpip_module.LearnedPerceptualImagePatchSimilarity = _NoLPIPS
     Nerfstudio._load_3D_points = _load_3d_points_without_open3d
@@ -154,49 +97,72 @@ def run_splatfacto(scene_dir: Path, runs_dir: Path, name: str, budgets, metric, 
     trainer.setup()
     model = trainer.pipeline.model
     eval_ds = trainer.pipeline.datamanager.eval_dataset
-    step_i, elapsed, renders, results = 0, 0.0, {}, {}
-    for budget in sorted(budgets):
-        while elapsed < budget:
-            sync()
-            t0 = time.perf_counter()
-            trainer.pipeline.train()
-            for cb in trainer.callbacks:
-                cb.run_callback_at_location(step_i, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-            trainer.train_iteration(step_i)
-            for cb in trainer.callbacks:
-                cb.run_callback_at_location(step_i, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
-            sync()
-            elapsed += time.perf_counter() - t0
-            step_i += 1
-        trainer.pipeline.eval()
-        preds = []
-        with torch.no_grad():
-            for i in range(len(eval_ds)):
-                cam = eval_ds.cameras[i : i + 1].to(model.device)
-                preds.append(model.get_outputs_for_camera(cam)["rgb"].cpu())
+    renders, results = {}, {}
+
+    def scored(budget, steps, elapsed):
+        preds = render_test_views(model, eval_ds)
         key = f"splatfacto_{int(budget)}s"
-        results[key] = {**score(metric, preds, targets), "steps": step_i, "seconds": elapsed,
+        results[key] = {**mean_metrics(metric, preds, targets), "steps": steps, "seconds": elapsed,
                         "gaussians": int(model.num_points)}
         renders[key] = preds
         print(name, key, results[key], flush=True)
+
+    train_on_the_clock(trainer, budgets, scored)
     return results, renders
 
 
 def compare_scene(pipe, scene_id: int, scene_dir: Path, runs_dir: Path, name: str, budgets, images: int,
-                  png_prefix: Path) -> dict:
+                  png_prefix: Path, finetune: bool = False) -> dict:
     """One held-out scene: export it (:func:`export_scene`), score the feed-forward renders and splatfacto after each
     budget on the same views, and save ``images`` side-by-side PNGs ``<png_prefix>_view<i>.png`` (ground truth |
     evolsplat-ff | splatfacto per budget). Returns the scene's row."""
+    from evolsplat_ns.finetune.run import mean_metrics
+    from evolsplat_ns.finetune.scene import export_scene
+
     metric = pipe.ff_model.image_metrics
-    targets, n_train = export_scene(pipe, scene_id, scene_dir)
+    exported = export_scene(pipe, scene_id, scene_dir, seed_cloud=True)
+    targets = exported.targets
     ours = feed_forward_renders(pipe, scene_id)
-    row = {"train_views": n_train, "test_views": len(targets), "evolsplat_ff": score(metric, ours, targets)}
+    row = {"train_views": exported.num_train, "test_views": len(targets),
+           "evolsplat_ff": mean_metrics(metric, ours, targets)}
     results, renders = run_splatfacto(scene_dir, runs_dir, name, budgets, metric, targets)
     row.update(results)
+    if finetune:  # issue 17: the same budgets, started from the feed-forward Gaussians (evolsplat-ns-infer's path)
+        from evolsplat_ns.finetune.run import finetune_scene
+
+        ft = finetune_scene(pipe, scene_id, scene_dir.parent / f"{name}_finetune", list(budgets),
+                            {k: row["evolsplat_ff"][k] for k in ("psnr", "ssim")})
+        row["finetune_curve"] = ft["curve"]
+        row["merged_start"] = ft["merged_start"]
+        row["feed_forward_seconds"] = ft["feed_forward"]["seconds"]
     for i in range(0, len(targets), max(1, len(targets) // images))[:images]:
         cols = [targets[i], ours[i].clamp(0, 1)] + [renders[k][i].clamp(0, 1) for k in renders]
         _save_png(Path(f"{png_prefix}_view{i:02d}.png"), torch.cat(cols, dim=1))
     return row
+
+
+def plot_curves(report: dict, path: Path) -> None:
+    """PSNR of the held-out views against seconds of per-scene optimisation: fine-tuned from the feed-forward
+    Gaussians, and splatfacto from its usual start (the seed cloud), one pair of curves per scene."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for sid, row in report["scenes"].items():
+        c = row["finetune_curve"]
+        ax.plot([p["seconds"] for p in c], [p["psnr"] for p in c], "o-", label=f"ours + fine-tuning (scene {sid})")
+        sf = sorted((v["seconds"], v["psnr"]) for k, v in row.items() if k.startswith("splatfacto_"))
+        ax.plot([0.0] + [s for s, _ in sf], [float("nan")] + [p for _, p in sf], "s--",
+                label=f"splatfacto (scene {sid})")
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlabel("seconds of per-scene optimisation")
+    ax.set_ylabel("held-out PSNR (dB)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main():
@@ -205,6 +171,8 @@ def main():
     ap.add_argument("--budgets", type=float, nargs="+", default=[30.0, 300.0], help="seconds of splatfacto training")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench_splatfacto"))
     ap.add_argument("--images", type=int, default=4, help="side-by-side images to save per scene")
+    ap.add_argument("--finetune", action="store_true",
+                    help="also fine-tune from the feed-forward Gaussians for the same budgets (PSNR-vs-time plot)")
     args = ap.parse_args()
     from nerfstudio.utils.eval_utils import eval_setup
 
@@ -214,10 +182,12 @@ def main():
               if torch.cuda.is_available() else "cpu", "scenes": {}}
     for sid in pipe.datamanager.eval_scene_ids:
         row = compare_scene(pipe, sid, args.out / f"scene{sid:03d}", args.out / "runs", f"scene{sid:03d}", args.budgets,
-                            args.images, args.out / f"b7b_scene{sid:03d}")
+                            args.images, args.out / f"b7b_scene{sid:03d}", finetune=args.finetune)
         report["scenes"][str(sid)] = row
         print(json.dumps(row, indent=1), flush=True)
     (args.out / "bench_splatfacto.json").write_text(json.dumps(report, indent=2))
+    if args.finetune:
+        plot_curves(report, args.out / "psnr_vs_seconds.png")
     print("columns of the images: ground truth | evolsplat-ff | " + " | ".join(
         f"splatfacto {int(b)} s" for b in sorted(args.budgets)))
 

@@ -53,6 +53,27 @@ def main():
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    # B3's per-view part: one target view's forward + backward into the cut leaves (what T multiplies)
+    model.train()
+    shared = model.extract_shared(batch)
+    cut = shared.with_outputs({k: v.detach().requires_grad_(True) for k, v in shared.outputs().items()})
+    tgt = batch.target
+
+    def view_step():
+        out = model.render_view(cut, tgt.extrinsics[0], tgt.intrinsics[0], tgt.height, tgt.width)
+        sum(model.view_loss(out, tgt.image[0], 1).values()).backward()
+
+    for _ in range(3):
+        view_step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            with torch.profiler.record_function("train_view_forward_backward"):
+                view_step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,13 @@ class InferArgs:
     holdout: str = "odd"
     """'odd': even frames are inputs and odd frames are tested (Drop50); 'none': every frame may be an input."""
     export_ply: bool = True
+    finetune_seconds: float = 0.0
+    """After the zero-shot reconstruction, optimise each scene for this many seconds (0: no fine-tuning), started
+    from its segments' merged feed-forward Gaussians (method ``evolsplat-ft``, splatfacto's machinery). Written
+    under ``finetune/<scene>/``: a nerfstudio run (``config.yml`` for ns-viewer / ns-eval / ns-export), the
+    fine-tuned 3DGS PLY in the data's world frame; ``metrics.json`` gets ``feed_forward`` and ``finetuned``."""
+    finetune_max_steps: Optional[int] = None
+    """Stop fine-tuning after this many steps even if time is left (tests, reproducible runs)."""
     verbose: bool = False
 
 
@@ -117,6 +124,7 @@ def infer(args: InferArgs) -> Dict[str, object]:
             entry["ply"] = str(p)
         seg_rows.append(entry)
     stats = result.summary(get_std=True)
+    finetuned = _finetune(pipeline, result, out, args) if args.finetune_seconds > 0 else None
     summary = {
         "checkpoint": str(ckpt),
         "step": step,
@@ -128,9 +136,34 @@ def infer(args: InferArgs) -> Dict[str, object]:
         "batches": result.batch_dicts(),
         "views": result.views,
     }
+    if finetuned is not None:
+        summary.update(finetuned)
     text = json.dumps(summary, indent=2)
     write_atomic(out / "metrics.json", lambda f: f.write(text.encode("utf-8")))
     return summary
+
+
+def _finetune(pipeline, result, out: Path, args: InferArgs) -> Dict[str, object]:
+    """Fine-tune every evaluated scene (:mod:`evolsplat_ns.finetune.run`); ``feed_forward`` and ``finetuned``: the
+    means over all held-out views (scenes weighted by their views), ``finetune_scenes``: one row per scene."""
+    from evolsplat_ns.finetune.run import finetune_scene
+
+    rows = []
+    for sid in pipeline.datamanager.eval_scene_ids:
+        views = [r for r in result.views if r["scene_id"] == sid]
+        if not views:
+            continue
+        ff = {k: sum(float(r[k]) for r in views) / len(views) for k in ("psnr", "ssim")}
+        name = pipeline.datamanager.scenes[sid].name
+        rows.append(finetune_scene(pipeline, sid, out / "finetune" / name, args.finetune_seconds, ff,
+                                   max_steps=args.finetune_max_steps))
+    total = sum(r["num_views"] for r in rows)
+
+    def mean(key):
+        return {k: sum(r[key][k] * r["num_views"] for r in rows) / total for k in ("psnr", "ssim")} | {
+            "seconds": sum(r[key]["seconds"] for r in rows)}
+
+    return {"feed_forward": mean("feed_forward"), "finetuned": mean("finetuned"), "finetune_scenes": rows}
 
 
 def _sync() -> None:
@@ -152,6 +185,10 @@ def main(args: InferArgs) -> Dict[str, object]:
                   f"in {s['reconstruction_ms']:.0f} ms")
     con.print(f"{summary['num_views']} held-out views, mean {summary['mean']}; renders, PLYs and metrics.json in "
               f"{args.output}")
+    if "finetuned" in summary:
+        ff, ft = summary["feed_forward"], summary["finetuned"]
+        con.print(f"fine-tuned {ft['seconds']:.0f} s: psnr {ff['psnr']:.2f} -> {ft['psnr']:.2f} dB, ssim "
+                  f"{ff['ssim']:.3f} -> {ft['ssim']:.3f}; runs (ns-viewer --load-config) under {args.output}/finetune/")
     return summary
 
 

@@ -8,7 +8,7 @@ w x y z). Written atomically: a temporary file in the same folder, then renamed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Dict, Union
 
 import numpy as np
 import torch
@@ -46,3 +46,43 @@ def write_gaussian_ply(path: Union[str, Path], means: Tensor, sh: Tensor, opacit
         arr[n] = data[:, i]
     write_atomic(path, lambda f: PlyData([PlyElement.describe(arr, "vertex")], text=False).write(f))
     return path
+
+
+def read_gaussian_ply(path: Union[str, Path]) -> Dict[str, Tensor]:
+    """Read a 3DGS PLY (the layout above; any SH degree) back: ``means`` ``[N, 3]``, ``sh`` ``[N, K, 3]``,
+    ``opacity_logit`` ``[N]``, ``log_scales`` ``[N, 3]``, ``quats`` ``[N, 4]`` (float32). A file that is not such
+    a PLY, is truncated, or holds non-finite values raises :class:`DataValidationError` naming it."""
+    from plyfile import PlyData
+
+    from evolsplat_ns.errors import DataValidationError
+
+    path = Path(path)
+    try:
+        ply = PlyData.read(str(path))
+        v = ply["vertex"].data
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file, said in one line
+        raise DataValidationError(path, None, "a readable 3DGS PLY (binary or ascii, with a 'vertex' element)",
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from e
+    names = set(v.dtype.names or ())
+    base = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2",
+            "rot_0", "rot_1", "rot_2", "rot_3"]
+    missing = [n for n in base if n not in names]
+    if missing:
+        raise DataValidationError(path, "vertex", f"the 3DGS fields {base}", f"missing {missing}")
+    n_rest = sum(1 for n in names if n.startswith("f_rest_"))
+    k = n_rest // 3 + 1
+    if n_rest % 3 or int(round((k) ** 0.5)) ** 2 != k:
+        raise DataValidationError(path, "f_rest_*", "3 ((degree+1)^2 - 1) coefficients", n_rest)
+
+    def cols(fields):
+        return torch.from_numpy(np.stack([np.asarray(v[f], dtype=np.float32) for f in fields], axis=1))
+
+    n = len(v)
+    rest = cols([f"f_rest_{i}" for i in range(n_rest)]) if n_rest else torch.zeros(n, 0)
+    sh = torch.cat([cols(["f_dc_0", "f_dc_1", "f_dc_2"])[:, None], rest.reshape(n, 3, k - 1).transpose(1, 2)], 1)
+    out = {"means": cols(["x", "y", "z"]), "sh": sh, "opacity_logit": cols(["opacity"])[:, 0],
+           "log_scales": cols(["scale_0", "scale_1", "scale_2"]), "quats": cols(["rot_0", "rot_1", "rot_2", "rot_3"])}
+    for name, t in out.items():
+        if not bool(torch.isfinite(t).all()):
+            raise DataValidationError(path, name, "finite values", f"{int((~torch.isfinite(t)).sum())} non-finite")
+    return out

@@ -73,6 +73,8 @@ def render_gaussians(
     near_plane: float = 0.01,
     far_plane: float = 1e10,
     backend: Backend = "auto",
+    return_info: bool = False,
+    absgrad: bool = False,
 ) -> Dict[str, Tensor]:
     """Rasterize 3D Gaussians into one or several pinhole cameras.
 
@@ -104,6 +106,9 @@ def render_gaussians(
         near_plane, far_plane: Gaussians whose camera depth is outside ``[near, far]`` are culled.
         backend: "gsplat" (CUDA only: gsplat has no CPU path), "torch" (pure-PyTorch reference rasterizer:
             slow, for tests and small CPU demos) or "auto" (gsplat when ``means`` is on CUDA, torch otherwise).
+        return_info: also return gsplat's ``info`` (projected ``means2d``, ``radii``, ...: what gsplat's
+            densification strategies read); None with the torch backend, which has no such record.
+        absgrad: gsplat's ``absgrad`` (for strategies that densify on absolute gradients).
 
     Returns:
         A dict with (``[C, ...]`` leading dimension only when ``c2w`` is batched):
@@ -111,6 +116,7 @@ def render_gaussians(
         - **rgb**: ``[H, W, 3]`` (``[C, H, W, 3]``) composited colours (background included).
         - **alpha**: ``[H, W, 1]`` accumulated opacity ``1 - T_final``.
         - **depth**: ``[H, W, 1]`` expected z-depth (only with ``render_depth``; meaningless where alpha ~ 0).
+        - **info**: gsplat's info dict, or None (only with ``return_info``).
     """
     batched = c2w.dim() == 3
     c2w_b = c2w if batched else c2w[None]
@@ -130,7 +136,7 @@ def render_gaussians(
     if kind == "gsplat":
         import gsplat
 
-        render_colors, render_alphas, _ = gsplat.rasterization(
+        render_colors, render_alphas, info = gsplat.rasterization(
             means=means,
             quats=quats,
             scales=scales,
@@ -148,8 +154,10 @@ def render_gaussians(
             render_mode=mode,
             rasterize_mode="classic",
             packed=False,  # packed projection compacts with nonzero(): one more host sync per call
+            absgrad=absgrad,
         )
     else:
+        info = None
         render_colors, render_alphas = rasterize_gaussians_torch(
             means, quats, scales, opacities, colors, viewmats, Ks, width, height,
             sh_degree=sh_degree, render_mode=mode, backgrounds=backgrounds,
@@ -161,6 +169,8 @@ def render_gaussians(
         out["depth"] = render_colors[..., -1:]
     if not batched:
         out = {k: v[0] for k, v in out.items()}
+    if return_info:
+        out["info"] = info
     return out
 
 

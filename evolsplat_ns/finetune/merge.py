@@ -1,0 +1,96 @@
+"""One set of 3D Gaussians for a whole scene out of its segments' feed-forward reconstructions.
+
+Each segment is reconstructed once from its default sources (spread over the segment, as the viewer shows it) and
+exported as static 3DGS parameters with the colour baked for its middle source camera
+(:meth:`EvolSplatModel.export_gaussians`). Segments overlap (neighbouring windows share keyframes), so the same
+surface comes out of two or three segments. **Overlaps:** every Gaussian is kept only from the segment whose centre
+(the mean of its source camera positions) is nearest to it: a Voronoi partition of space along the trajectory, so
+each region comes from the segment that saw it from nearest. **Background:** the dome of the middle segment
+(its far hemisphere, 100 m around that segment's reference camera) is added once, as opaque Gaussians with its
+colours as degree-0 SH.
+
+Everything stays in the scene's project frame (``SceneRecord.align``); callers move it
+(:mod:`evolsplat_ns.finetune.scene`, :mod:`evolsplat_ns.export.world_frame`).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor
+
+KEYS = ("means", "sh", "opacity_logit", "log_scales", "quats")
+DOME_OPACITY = 0.99
+"""Opacity of the dome Gaussians (the feed-forward dome is opaque; a logit needs a value below 1)."""
+
+
+def nearest_owner(means: Tensor, centres: Tensor) -> Tensor:
+    """``[N]`` index of the nearest of ``centres`` ``[S, 3]`` for each of ``means`` ``[N, 3]`` (ties: the first)."""
+    return torch.cdist(means.double(), centres.double()).argmin(dim=1)
+
+
+def merge_segments(parts: List[Tuple[Dict[str, Tensor], Tensor]]) -> Dict[str, Tensor]:
+    """Merge per-segment Gaussians ``(gaussians, centre [3])``: each Gaussian kept only from the segment whose
+    centre is nearest to it (see the module docstring). SH are padded with zeros to the largest degree."""
+    if not parts:
+        raise ValueError("no segments to merge")
+    centres = torch.stack([c.reshape(3).double().cpu() for _, c in parts])
+    k = max(g["sh"].shape[1] for g, _ in parts)
+    out: Dict[str, List[Tensor]] = {key: [] for key in KEYS}
+    for s, (g, _) in enumerate(parts):
+        keep = nearest_owner(g["means"].detach().cpu(), centres) == s
+        for key in KEYS:
+            t = g[key].detach().cpu()[keep]
+            if key == "sh" and t.shape[1] < k:
+                t = torch.cat([t, t.new_zeros(t.shape[0], k - t.shape[1], 3)], 1)
+            out[key].append(t)
+    return {key: torch.cat(v) for key, v in out.items()}
+
+
+def dome_gaussians(means: Tensor, rgb: Tensor, scales: Tensor, sh_coeffs: int) -> Dict[str, Tensor]:
+    """The background dome (:class:`~evolsplat_ns.model.background.HemisphereBackground` output) as 3DGS
+    parameters: isotropic, opacity :data:`DOME_OPACITY`, colour in the degree-0 SH term."""
+    from evolsplat_ns.pointcloud.init import rgb_to_sh
+
+    n = means.shape[0]
+    sh = torch.zeros(n, sh_coeffs, 3, dtype=means.dtype, device=means.device)
+    sh[:, 0] = rgb_to_sh(rgb.clamp(0, 1))
+    quats = torch.zeros(n, 4, dtype=means.dtype, device=means.device)
+    quats[:, 0] = 1
+    logit = torch.logit(torch.tensor(DOME_OPACITY, dtype=means.dtype))
+    return {"means": means, "sh": sh, "opacity_logit": torch.full((n,), float(logit), dtype=means.dtype,
+                                                                  device=means.device),
+            "log_scales": torch.log(scales), "quats": quats}
+
+
+@torch.no_grad()
+def scene_gaussians(pipeline, scene_id: int) -> Tuple[Dict[str, Tensor], Dict[str, float]]:
+    """The merged feed-forward Gaussians of scene ``scene_id`` (project frame, CPU tensors) and timings:
+    ``seconds`` (reconstructing and exporting every segment, device-synchronised) and the counts."""
+    import time
+
+    dm, model = pipeline.datamanager, pipeline.ff_model
+    segments = [seg.segment_id for seg in dm.index[scene_id].segments]
+    parts, dome = [], None
+    device = model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for i, seg in enumerate(segments):
+        batch = dm.eval_batch(scene_id, seg)
+        shared = pipeline.reconstruct(batch)
+        g = model.export_gaussians(shared)
+        parts.append(({k: v.detach().cpu() for k, v in g.items()}, batch.source.extrinsics[:, :3, 3].mean(0).cpu()))
+        if i == len(segments) // 2:
+            src = batch.source
+            means, rgb, scales, _ = model.background(shared.ref_c2w, shared.ref_c2w, src.image, src.extrinsics,
+                                                     src.intrinsics)
+            dome = dome_gaussians(means.cpu(), rgb.cpu(), scales.cpu(), g["sh"].shape[1])
+    merged = merge_segments(parts)
+    num_foreground = int(merged["means"].shape[0])
+    if dome is not None:
+        merged = {k: torch.cat([merged[k], dome[k].to(merged[k].dtype)]) for k in KEYS}
+    sync()
+    return merged, {"seconds": time.perf_counter() - t0, "segments": len(segments),
+                    "foreground_gaussians": num_foreground, "gaussians": int(merged["means"].shape[0])}

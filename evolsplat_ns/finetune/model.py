@@ -1,0 +1,155 @@
+"""``evolsplat-ft``: nerfstudio's splatfacto, started from given Gaussians instead of a sparse point cloud.
+
+The model is splatfacto's (its losses, optimisers, densification strategy, viewer and export support), with two
+differences:
+
+* **Initialisation** from a standard 3DGS PLY (``init_ply``): means, scales, rotations, opacities and SH
+  coefficients as written (degree up to splatfacto's ``sh_degree``; higher bands start at zero). The feed-forward
+  reconstruction of a scene (:mod:`evolsplat_ns.finetune.merge`) is such a file.
+* **Rendering** through :func:`evolsplat_ns.model.render.render_gaussians`: gsplat on CUDA, exactly as splatfacto
+  calls it (its ``info`` feeds the densification strategy), and the project's pure-PyTorch rasterizer on the CPU,
+  where gsplat has no kernels (densification is then skipped: the reference rasterizer keeps no screen-space
+  gradients; the CPU path is for tests and tiny scenes).
+
+splatfacto builds torchmetrics' LPIPS when it is set up; that downloads AlexNet weights, which fails offline. When the
+weights are not in torch's hub cache, a stand-in is used and the ``lpips`` metric reads NaN (said once, as a warning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Type
+
+import torch
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.models.splatfacto import SplatfactoModel, SplatfactoModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvolSplatFinetuneModelConfig(SplatfactoModelConfig):
+    """splatfacto, initialised from a 3DGS PLY; defaults for refining a good start rather than growing from points."""
+
+    _target: Type = field(default_factory=lambda: EvolSplatFinetuneModel)
+    init_ply: Optional[Path] = None
+    """A standard 3DGS PLY whose Gaussians are the starting point (required)."""
+    num_downscales: int = 0
+    """Full resolution from the first step (splatfacto starts at 1/4: right for growing from points, not here)."""
+    sh_degree_interval: int = 0
+    """Every SH band is rendered from the first step, so the start renders exactly the initial Gaussians
+    (splatfacto adds one band every 1000 steps; a positive value does that here too)."""
+    rasterizer: str = "auto"
+    """'auto' (gsplat on CUDA, the PyTorch reference rasterizer on the CPU), 'gsplat' or 'torch'."""
+
+
+class _NaNMetric(torch.nn.Module):
+    """Stands in for LPIPS when its weights cannot be loaded: returns NaN."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return torch.tensor(float("nan"))
+
+
+@contextlib.contextmanager
+def _lpips_without_download():
+    """splatfacto's LPIPS, unless its AlexNet weights would have to be downloaded (then a NaN stand-in)."""
+    import torchmetrics.image.lpip as lpip_module
+
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+    if os.path.isdir(hub) and any(f.startswith("alexnet") for f in os.listdir(hub)):
+        yield
+        return
+    logger.warning("LPIPS reads NaN: torchvision's AlexNet weights are not in %s (no download here)", hub)
+    real = lpip_module.LearnedPerceptualImagePatchSimilarity
+    lpip_module.LearnedPerceptualImagePatchSimilarity = _NaNMetric
+    try:
+        yield
+    finally:
+        lpip_module.LearnedPerceptualImagePatchSimilarity = real
+
+
+class EvolSplatFinetuneModel(SplatfactoModel):
+    config: EvolSplatFinetuneModelConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["seed_points"] = None  # splatfacto's point initialisation is replaced (populate_modules)
+        super().__init__(*args, **kwargs)
+
+    def populate_modules(self) -> None:
+        from evolsplat_ns.errors import ConfigError
+        from evolsplat_ns.export.ply import read_gaussian_ply
+
+        if self.config.init_ply is None:
+            raise ConfigError("evolsplat-ft needs --pipeline.model.init-ply (a 3DGS PLY of the starting Gaussians)")
+        g = read_gaussian_ply(self.config.init_ply)  # before splatfacto's set-up: a bad file costs nothing
+        num_random = self.config.num_random
+        self.config.num_random = 8  # splatfacto's random start is built, then replaced: keep it tiny
+        try:
+            with _lpips_without_download():
+                super().populate_modules()
+        finally:
+            self.config.num_random = num_random
+        k = (self.config.sh_degree + 1) ** 2
+        n = g["means"].shape[0]
+        sh = torch.zeros(n, k, 3)
+        kk = min(k, g["sh"].shape[1])
+        sh[:, :kk] = g["sh"][:, :kk]
+        params = {"means": g["means"], "scales": g["log_scales"], "quats": g["quats"], "features_dc": sh[:, 0],
+                  "features_rest": sh[:, 1:], "opacities": g["opacity_logit"][:, None]}
+        self.gauss_params = torch.nn.ParameterDict({k_: torch.nn.Parameter(v.float()) for k_, v in params.items()})
+        self.info = None
+
+    def step_post_backward(self, step: int) -> None:
+        if self.info is None:  # the CPU rasterizer keeps no screen-space record: no densification
+            return
+        super().step_post_backward(step)
+
+    def get_outputs(self, camera: Cameras) -> Dict[str, torch.Tensor]:
+        """splatfacto's outputs (``rgb``, ``depth``, ``accumulation``, ``background``) for one camera, rendered by
+        :func:`~evolsplat_ns.model.render.render_gaussians` (gsplat on CUDA)."""
+        from evolsplat_ns.cameras import from_nerfstudio_cameras
+        from evolsplat_ns.model.render import render_gaussians, resolve_backend
+
+        if not isinstance(camera, Cameras):
+            raise TypeError("evolsplat-ft renders cameras, not ray bundles")
+        camera = camera.to(self.device)
+        if self.training:
+            camera = Cameras(camera_to_worlds=self.camera_optimizer.apply_to_camera(camera), fx=camera.fx,
+                             fy=camera.fy, cx=camera.cx, cy=camera.cy, width=camera.width, height=camera.height,
+                             camera_type=camera.camera_type, metadata=camera.metadata)
+        keep = None
+        if self.crop_box is not None and not self.training:
+            keep = self.crop_box.within(self.means).squeeze(-1)
+        p = {k: (v[keep] if keep is not None else v) for k, v in self.gauss_params.items()}
+        c2w, K = from_nerfstudio_cameras(camera)
+        scale = self._get_downscale_factor()
+        H, W = int(camera.height.reshape(-1)[0]) // scale, int(camera.width.reshape(-1)[0]) // scale
+        K = K[0].clone()
+        K[:2] /= scale
+        interval = self.config.sh_degree_interval
+        degree = self.config.sh_degree if interval <= 0 else min(self.step // interval, self.config.sh_degree)
+        depth = self.config.output_depth_during_training or not self.training
+        kind = resolve_backend(self.config.rasterizer, self.device)
+        out = render_gaussians(p["means"], p["quats"], torch.exp(p["scales"]), torch.sigmoid(p["opacities"])[:, 0],
+                               torch.cat([p["features_dc"][:, None], p["features_rest"]], 1), c2w[0].float(),
+                               K.float(), W, H, sh_degree=degree, render_depth=depth, backend=kind,
+                               return_info=True, absgrad=self.strategy.absgrad)
+        self.info = out["info"] if self.training else None
+        if self.training and self.info is not None:
+            self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step,
+                                            self.info)
+        background = self._get_background_color()
+        alpha = out["alpha"]
+        rgb = torch.clamp(out["rgb"] + (1.0 - alpha) * background, 0.0, 1.0)
+        result = {"rgb": rgb, "accumulation": alpha,
+                  "background": background.expand(H, W, 3) if not self.training else background}
+        if depth:
+            result["depth"] = torch.where(alpha > 0, out["depth"], out["depth"].detach().max())
+        return result

@@ -1,0 +1,140 @@
+"""Feed-forward start, then a short per-scene optimisation (``evolsplat-ns-infer --finetune-seconds S``).
+
+Per evaluation scene: merge its segments' feed-forward Gaussians (:mod:`evolsplat_ns.finetune.merge`), write the
+scene as a nerfstudio dataset with the merged Gaussians as the starting PLY (:mod:`evolsplat_ns.finetune.scene`),
+set up an ``evolsplat-ft`` run on it (splatfacto started from those Gaussians: :mod:`evolsplat_ns.finetune.model`)
+with nerfstudio's own Trainer, train it on the clock for ``S`` seconds (evaluation excluded), save its config and
+checkpoint (``ns-viewer --load-config``, ``ns-eval``, ``ns-export gaussian-splat`` work on it), score the held-out
+views with the same metric code as the feed-forward scores, and export the result as a 3DGS PLY in the data's world
+frame.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def train_on_the_clock(trainer, budgets: Iterable[float], on_budget: Optional[Callable[[float, int, float], None]] = None,
+                       max_steps: Optional[int] = None) -> int:
+    """Run ``trainer`` (a set-up nerfstudio Trainer) step by step, with its training callbacks, until each of
+    ``budgets`` (seconds of training, sorted; evaluation and ``on_budget`` are not counted) is spent; after each
+    budget ``on_budget(budget, steps, seconds)`` is called. ``max_steps`` caps the steps. Returns the steps run."""
+    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+
+    step, elapsed = 0, 0.0
+    for budget in sorted(budgets):
+        while elapsed < budget and (max_steps is None or step < max_steps):
+            _sync()
+            t0 = time.perf_counter()
+            trainer.pipeline.train()
+            for cb in trainer.callbacks:
+                cb.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+            trainer.train_iteration(step)
+            for cb in trainer.callbacks:
+                cb.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+            _sync()
+            elapsed += time.perf_counter() - t0
+            step += 1
+        if on_budget is not None:
+            on_budget(budget, step, elapsed)
+    return step
+
+
+@torch.no_grad()
+def render_test_views(model, dataset) -> List[torch.Tensor]:
+    """``rgb`` of every camera of ``dataset`` (a nerfstudio dataset: the run's test split), in order, on the CPU."""
+    model.eval()
+    out = []
+    for i in range(len(dataset)):
+        cam = dataset.cameras[i : i + 1].to(model.device)
+        out.append(model.get_outputs_for_camera(cam)["rgb"].cpu())
+    model.train()
+    return out
+
+
+def mean_metrics(metric: Callable, preds: List[torch.Tensor], targets: List[torch.Tensor]) -> Dict[str, float]:
+    rows = [metric(p.to(t.device), t) for p, t in zip(preds, targets)]
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
+def finetune_config(data: Path, init_ply: Path, output_dir: Path, name: str, device_type: str):
+    """The ``evolsplat-ft`` method's config on ``data`` (an exported scene), started from ``init_ply``."""
+    import copy
+
+    from evolsplat_ns.configs import evolsplat_ft
+
+    cfg = copy.deepcopy(evolsplat_ft.config)
+    cfg.pipeline.datamanager.data = data
+    cfg.pipeline.model.init_ply = init_ply
+    cfg.output_dir = output_dir
+    cfg.experiment_name = name
+    cfg.timestamp = "run"
+    cfg.vis = "tensorboard"
+    cfg.logging.local_writer.enable = False
+    cfg.machine.device_type = device_type
+    cfg.max_num_iterations = 10**7  # the clock decides (train_on_the_clock)
+    return cfg
+
+
+def finetune_scene(pipeline, scene_id: int, out: Path, seconds, feed_forward: Dict[str, float],
+                   max_steps: Optional[int] = None) -> Dict[str, object]:
+    """Fine-tune evaluation scene ``scene_id`` for ``seconds`` (a number, or a list of budgets: scored after each,
+    ``curve``) in ``out`` (see the module docstring). Returns its ``feed_forward`` (given: the zero-shot means of
+    its held-out views) and ``finetuned`` metrics (``psnr``, ``ssim``, ``seconds``; the last budget), the
+    ``curve``, the steps, the Gaussian counts and the written paths."""
+    from evolsplat_ns.export.ply import write_gaussian_ply
+    from evolsplat_ns.export.world_frame import to_data_world
+    from evolsplat_ns.finetune.merge import scene_gaussians
+    from evolsplat_ns.finetune.scene import export_scene
+
+    out = Path(out)
+    dm, ff = pipeline.datamanager, pipeline.ff_model
+    scene = dm.scenes[scene_id]
+    merged, info = scene_gaussians(pipeline, scene_id)
+    exported = export_scene(pipeline, scene_id, out / "data")
+    g = exported.frame.gaussians(merged)
+    init_ply = write_gaussian_ply(out / "data" / "init_gaussians.ply", g["means"], g["sh"], g["opacity_logit"],
+                                  g["log_scales"], g["quats"])
+    cfg = finetune_config(out / "data", init_ply, out / "runs", scene.name, ff.device.type)
+    cfg.save_config()
+    trainer = cfg.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    model = trainer.pipeline.model
+    test_set = trainer.pipeline.datamanager.eval_dataset
+    start = mean_metrics(ff.image_metrics, render_test_views(model, test_set), exported.targets)
+    curve = [{"seconds": 0.0, "steps": 0, "psnr": start["psnr"], "ssim": start["ssim"]}]
+    result: Dict[str, object] = {"curve": curve}
+
+    def scored(budget: float, steps: int, elapsed: float) -> None:
+        m = mean_metrics(ff.image_metrics, render_test_views(model, test_set), exported.targets)
+        curve.append({"seconds": elapsed, "steps": steps, "psnr": m["psnr"], "ssim": m["ssim"]})
+        result.update(steps=steps, finetuned={"psnr": m["psnr"], "ssim": m["ssim"], "seconds": elapsed})
+
+    budgets = [float(s) for s in seconds] if isinstance(seconds, (list, tuple)) else [float(seconds)]
+    steps = train_on_the_clock(trainer, [b for b in budgets if b > 0], scored, max_steps=max_steps)
+    result.setdefault("steps", 0)
+    result.setdefault("finetuned", {"psnr": start["psnr"], "ssim": start["ssim"], "seconds": 0.0})
+    trainer.save_checkpoint(max(steps - 1, 0))
+    p = {k: v.detach().cpu() for k, v in model.gauss_params.items()}
+    sh = torch.cat([p["features_dc"][:, None], p["features_rest"]], 1)
+    back = exported.frame.gaussians({"means": p["means"], "log_scales": p["scales"]}, inverse=True)
+    world = to_data_world({"means": back["means"], "quats": p["quats"], "sh": sh, "log_scales": back["log_scales"],
+                           "opacity_logit": p["opacities"][:, 0]}, scene.align)
+    ply = write_gaussian_ply(out / "finetuned_gaussians.ply", world["means"], world["sh"], world["opacity_logit"],
+                             world["log_scales"], world["quats"])
+    result.update(
+        scene=scene.name, scene_id=scene_id,
+        feed_forward={**{k: feed_forward[k] for k in ("psnr", "ssim")}, "seconds": info["seconds"]},
+        merged_start={"psnr": start["psnr"], "ssim": start["ssim"]},
+        gaussians={"start": info["gaussians"], "finetuned": int(p["means"].shape[0])},
+        num_views=len(exported.targets), config=str(cfg.get_base_dir() / "config.yml"), ply=str(ply))
+    return result

@@ -1,0 +1,65 @@
+"""Feed-forward start, then per-scene optimisation (:mod:`evolsplat_ns.finetune`); the end-to-end run of
+``evolsplat-ns-infer --finetune-seconds`` is in tests/test_pipeline.py (it needs a trained checkpoint)."""
+
+import numpy as np
+import pytest
+import torch
+
+from evolsplat_ns.errors import DataValidationError
+from evolsplat_ns.export.ply import read_gaussian_ply, write_gaussian_ply
+from evolsplat_ns.finetune.merge import merge_segments, nearest_owner
+from evolsplat_ns.finetune.scene import NormalisedFrame
+
+
+def _gaussians(means, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = means.shape[0]
+    return {"means": means, "sh": torch.randn(n, k, 3, generator=g), "opacity_logit": torch.randn(n, generator=g),
+            "log_scales": torch.randn(n, 3, generator=g) - 3, "quats": torch.randn(n, 4, generator=g)}
+
+
+def test_overlapping_segments_keep_each_region_once_from_the_nearest_segment():
+    # two segments along x that both reconstructed the overlap [4, 6]; their centres at x = 2.5 and x = 7.5
+    a = _gaussians(torch.stack([torch.linspace(0, 6, 61), torch.zeros(61), torch.zeros(61)], 1), seed=1)
+    b = _gaussians(torch.stack([torch.linspace(4, 10, 61), torch.zeros(61), torch.zeros(61)], 1), k=1, seed=2)
+    merged = merge_segments([(a, torch.tensor([2.5, 0, 0])), (b, torch.tensor([7.5, 0, 0]))])
+    x = merged["means"][:, 0]
+    assert torch.equal(torch.sort(x).values, torch.sort(torch.unique(x)).values)  # no region twice
+    assert x.min() == 0 and x.max() == 10 and len(x) == 101  # nothing lost: [0, 5] from a, (5, 10] from b
+    from_a = merged["means"][:, 0] <= 5.0
+    assert merged["sh"].shape[1] == 4 and bool((merged["sh"][~from_a, 1:] == 0).all())  # b's degree 0, padded
+    torch.testing.assert_close(merged["sh"][from_a], a["sh"][a["means"][:, 0] <= 5.0])
+    assert nearest_owner(torch.tensor([[5.0, 0, 0]]), torch.tensor([[2.5, 0, 0], [7.5, 0, 0]])).item() == 0  # tie
+
+
+def test_normalised_frame_round_trip():
+    rng = np.random.default_rng(0)
+    cams = rng.normal(size=(20, 3)) * 30 + 500
+    f = NormalisedFrame.of_cameras(cams)
+    poses = np.tile(np.eye(4), (20, 1, 1))
+    poses[:, :3, 3] = cams
+    assert np.abs(f.poses(poses)[:, :3, 3]).max() == pytest.approx(1.0)
+    g = _gaussians(torch.from_numpy(cams).float())
+    back = f.gaussians(f.gaussians(g), inverse=True)
+    torch.testing.assert_close(back["means"], g["means"])
+    torch.testing.assert_close(back["log_scales"], g["log_scales"])
+    # a Gaussian's size relative to the scene is unchanged: scales follow the positions
+    n = f.gaussians(g)
+    torch.testing.assert_close(n["log_scales"] - g["log_scales"], torch.full_like(g["log_scales"], np.log(f.scale)))
+
+
+def test_gaussian_ply_round_trip_and_bad_files(tmp_path):
+    g = _gaussians(torch.randn(50, 3), k=9)
+    p = write_gaussian_ply(tmp_path / "g.ply", g["means"], g["sh"], g["opacity_logit"], g["log_scales"], g["quats"])
+    r = read_gaussian_ply(p)
+    for k in ("means", "sh", "opacity_logit", "log_scales"):
+        torch.testing.assert_close(r[k], g[k])
+    torch.testing.assert_close(r["quats"], g["quats"] / g["quats"].norm(dim=-1, keepdim=True))
+    (tmp_path / "short.ply").write_bytes(p.read_bytes()[:600])
+    with pytest.raises(DataValidationError, match="short.ply"):
+        read_gaussian_ply(tmp_path / "short.ply")
+    from evolsplat_ns.pointcloud.plyio import write_ply
+
+    write_ply(tmp_path / "points.ply", np.zeros((5, 3)), np.zeros((5, 3)))  # a point cloud, not Gaussians
+    with pytest.raises(DataValidationError, match="f_dc_0"):
+        read_gaussian_ply(tmp_path / "points.ply")

@@ -171,6 +171,7 @@ def main():
     ap.add_argument("--budgets", type=float, nargs="+", default=[30.0, 300.0], help="seconds of splatfacto training")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench_splatfacto"))
     ap.add_argument("--images", type=int, default=4, help="side-by-side images to save per scene")
+    ap.add_argument("--scenes", type=int, default=None, help="only the first N evaluation scenes")
     ap.add_argument("--finetune", action="store_true",
                     help="also fine-tune from the feed-forward Gaussians for the same budgets (PSNR-vs-time plot)")
     args = ap.parse_args()
@@ -180,7 +181,7 @@ def main():
     _, pipe, _, step = eval_setup(args.load_config, test_mode="test")
     report = {"evolsplat_checkpoint_step": step, "device": torch.cuda.get_device_name(0)
               if torch.cuda.is_available() else "cpu", "scenes": {}}
-    for sid in pipe.datamanager.eval_scene_ids:
+    for sid in pipe.datamanager.eval_scene_ids[: args.scenes]:
         row = compare_scene(pipe, sid, args.out / f"scene{sid:03d}", args.out / "runs", f"scene{sid:03d}", args.budgets,
                             args.images, args.out / f"b7b_scene{sid:03d}", finetune=args.finetune)
         report["scenes"][str(sid)] = row

@@ -500,20 +500,22 @@ def test_cache_reuses_and_invalidates(tmp_path, street):
 
 
 def test_interrupted_write_leaves_no_corrupt_entry(tmp_path, street, monkeypatch):
+    from plyfile import PlyData
+
     seg = segment_of(street, frames=[0, 1])
     cache = PointCloudCache(tmp_path / "cache")
-    orig = plyio.write_ply
+    real = PlyData.write
 
-    def crash(path, points, colours=None):
-        Path(path).write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 99999\n")  # half a file
+    def crash(self, stream):
+        stream.write(b"ply\nformat binary_little_endian 1.0\nelement vertex 99999\n")  # half a file
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(plyio, "write_ply", crash)
+    monkeypatch.setattr(PlyData, "write", crash)
     with pytest.raises(KeyboardInterrupt):
         cache.get(make_generator(), street, seg)
     folder = tmp_path / "cache" / street.name
     assert list(folder.iterdir()) == []  # neither an entry nor a temporary file
-    monkeypatch.setattr(plyio, "write_ply", orig)
+    monkeypatch.setattr(PlyData, "write", real)
     built = cache.get(make_generator(), street, seg)
     assert not built.from_cache and len(built.points) > 0
     # a damaged entry (e.g. copied by hand) is rebuilt, not trusted
@@ -522,6 +524,94 @@ def test_interrupted_write_leaves_no_corrupt_entry(tmp_path, street, monkeypatch
     assert not rebuilt.from_cache
     np.testing.assert_array_equal(rebuilt.points, built.points)
     assert PointCloudCache(tmp_path / "cache").get(make_generator(), street, seg).from_cache
+
+
+@pytest.mark.parametrize("fault", ["disk_full", "silently_short"])
+def test_a_failed_cache_write_leaves_no_entry_and_the_run_goes_on(tmp_path, street, monkeypatch, caplog, fault):
+    """A full disk (the write raises) or a writer that stops early without an error (open3d's) never puts an entry
+    in place: the entry is read back before it is moved there."""
+    import errno
+
+    from plyfile import PlyData
+
+    seg = segment_of(street, frames=[0, 1])
+    real = PlyData.write
+
+    def broken(self, stream):
+        import io
+
+        buf = io.BytesIO()
+        real(self, buf)
+        stream.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        if fault == "disk_full":
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PlyData, "write", broken)
+    with caplog.at_level("WARNING"):
+        res = PointCloudCache(tmp_path / "cache").get(make_generator(), street, seg)
+    assert len(res.points) > 0 and not res.from_cache and res.path is None  # the cloud, uncached
+    assert "not cached" in caplog.text
+    assert not (tmp_path / "cache" / street.name).exists() or list((tmp_path / "cache" / street.name).iterdir()) == []
+    monkeypatch.setattr(PlyData, "write", real)
+    again = PointCloudCache(tmp_path / "cache").get(make_generator(), street, seg)
+    assert not again.from_cache  # nothing was left to be mistaken for a hit
+    np.testing.assert_array_equal(again.points, res.points)
+    np.testing.assert_array_equal(again.colours, res.colours)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero_tail", "flipped_byte", "no_digest"])
+def test_a_damaged_entry_is_rebuilt_never_padded(tmp_path, street, caplog, damage):
+    from evolsplat_ns.pointcloud.cache import read_entry
+
+    seg = segment_of(street, frames=[0, 1])
+    built = PointCloudCache(tmp_path / "cache").get(make_generator(), street, seg)
+    built.knn_distance()  # the side file of this cloud
+    data = bytearray(built.path.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) - 100]
+    elif damage == "zero_tail":
+        data[-300:] = bytes(300)  # same size, zeros at the end: what a crash after preallocation leaves
+    elif damage == "flipped_byte":
+        data[-7] ^= 0xFF
+    else:
+        data = data.replace(b"comment evolsplat-cache sha256", b"comment something-else-entirely")
+    built.path.write_bytes(bytes(data))
+    with pytest.raises(ValueError):
+        read_entry(built.path)
+    with caplog.at_level("WARNING"):
+        res = PointCloudCache(tmp_path / "cache").get(make_generator(), street, seg)
+    assert not res.from_cache and "rebuilding" in caplog.text
+    np.testing.assert_array_equal(res.points, built.points)
+    assert not res.path.with_suffix(".knn.npy").exists()  # the old cloud's scales went with it
+    assert PointCloudCache(tmp_path / "cache").get(make_generator(), street, seg).from_cache
+
+
+def test_cache_entries_get_ordinary_permissions_and_follow_their_input_files(tmp_path, street):
+    import os
+    import shutil
+    import stat
+
+    seg = segment_of(street, frames=[0, 1])
+    res = PointCloudCache(tmp_path / "cache").get(make_generator(), street, seg)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(res.path.stat().st_mode) == 0o666 & ~mask  # as any other output, not a temp file's 0600
+    (tmp_path / "other").write_bytes(b"x")
+    assert stat.S_IMODE(res.path.stat().st_mode) == stat.S_IMODE((tmp_path / "other").stat().st_mode)
+    # a changed input file (a depth map rewritten: new size / time) builds a new entry
+    depth = street.image(1, 0).depth_path
+    assert depth is not None
+    before = PointCloudCache(tmp_path / "cache").path_for(make_generator(), street, seg)
+    backup = tmp_path / "depth_backup"
+    shutil.copy2(depth, backup)
+    try:
+        with open(depth, "ab") as f:
+            f.write(b"\0")
+        after = PointCloudCache(tmp_path / "cache").path_for(make_generator(), street, seg)
+        assert after != before
+    finally:
+        shutil.copy2(backup, depth)
+    assert PointCloudCache(tmp_path / "cache").path_for(make_generator(), street, seg) == before
 
 
 # ----------------------------------------------------------------------------------------------------------------

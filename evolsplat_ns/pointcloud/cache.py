@@ -6,8 +6,15 @@ covers the generator, every option, the frames used and the frames allowed as in
 and the size / modification time of the scene's ``transforms.json`` (and of its seed PLY for the seed-PLY source):
 changing any of them makes a new entry, and switching back reuses the old one.
 
-Files are written atomically (temporary file in the same folder, then ``os.replace``), so an interrupted run
-leaves either no entry or a complete one; an unreadable entry is rebuilt with a warning.
+Hashed inputs also include the size and modification time of every file the cloud may read (the segment's images,
+depth maps and sky masks of the frames allowed as input, and its LiDAR sweeps).
+
+**An entry is complete or absent.** An entry is a binary PLY (``x y z`` float32, ``red green blue`` uint8) whose
+header carries the SHA-256 of its vertex data. It is written to a temporary file, synced, read back and checked
+(size and digest) before ``os.replace`` moves it into place; a write that fails (a full disk) or does not read back
+leaves no entry (the run goes on with the cloud in memory, with a warning). Reading checks the file size and the
+digest with a strict reader (never open3d, which pads a short file with zeros); an entry that fails is rebuilt with a
+warning. Entries get the permissions of any other new file.
 
 The backend that builds a cloud (``PointCloudOptions.backend`` / ``device``: torch on a GPU, scikit-learn or open3d
 on the CPU) is not part of the hash: all backends build the same cloud and the same KNN scales (to float round-off
@@ -32,11 +39,11 @@ from evolsplat_ns.data.records import SceneRecord
 from evolsplat_ns.data.scene_index import Segment
 from evolsplat_ns.pointcloud.generators import RGBPointCloudGenerator, make_generator
 from evolsplat_ns.pointcloud.options import InputFrames, PointCloudOptions
-from evolsplat_ns.pointcloud.plyio import quantise_colours, read_ply, write_ply_atomic
+from evolsplat_ns.pointcloud.plyio import quantise_colours
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: float32 entries with a content digest; inputs' stamps in the key
 DEFAULT_CACHE_DIRNAME = ".evolsplat_cache"
 
 
@@ -44,6 +51,72 @@ def config_hash(key: dict) -> str:
     """16 hex digits of the SHA-1 of the canonical JSON of ``key``."""
     blob = json.dumps({"cache_version": CACHE_VERSION, **key}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+
+
+ENTRY_DIGEST = "evolsplat-cache sha256 "
+"""Header comment of a cache entry: the SHA-256 of its vertex data follows."""
+
+
+class CacheEntryError(ValueError):
+    """A cache entry that is not complete (short, padded, altered or not an entry)."""
+
+
+def _entry_vertices(points: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    v = np.empty(len(points), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"),
+                                     ("blue", "u1")])
+    p = np.asarray(points, dtype=np.float32).reshape(-1, 3)
+    c = np.clip(np.round(np.asarray(colours, dtype=np.float64).reshape(-1, 3) * 255.0), 0, 255).astype(np.uint8)
+    v["x"], v["y"], v["z"] = p[:, 0], p[:, 1], p[:, 2]
+    v["red"], v["green"], v["blue"] = c[:, 0], c[:, 1], c[:, 2]
+    return v
+
+
+def read_entry(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """``(points [N, 3] float32, colours [N, 3] float32)`` of a complete entry; :class:`CacheEntryError` otherwise
+    (wrong size for its header, digest mismatch, no digest, unreadable)."""
+    from plyfile import PlyData
+
+    path = Path(path)
+    try:
+        ply = PlyData.read(str(path))
+        v = ply["vertex"].data
+    except Exception as e:  # noqa: BLE001 - whatever the reader says, the entry is not usable
+        raise CacheEntryError(f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})")
+    digests = [c[len(ENTRY_DIGEST):].strip() for c in ply.comments if c.startswith(ENTRY_DIGEST)]
+    if not digests:
+        raise CacheEntryError("no content digest (not written by this cache)")
+    expected = _entry_vertices(np.zeros((0, 3)), np.zeros((0, 3))).dtype
+    if v.dtype.names != expected.names:
+        raise CacheEntryError(f"fields {v.dtype.names}, expected {expected.names}")
+    data = np.asarray(v).astype(expected, copy=False)
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    end = head.find(b"end_header\n")
+    size = path.stat().st_size
+    if end < 0 or size != end + len(b"end_header\n") + data.nbytes:
+        raise CacheEntryError(f"{size} bytes, not what its header promises ({len(data)} vertices)")
+    if hashlib.sha256(data.tobytes()).hexdigest() != digests[0]:
+        raise CacheEntryError("content does not match its digest")
+    pts = np.stack([data["x"], data["y"], data["z"]], axis=1).astype(np.float32)
+    cols = (np.stack([data["red"], data["green"], data["blue"]], axis=1).astype(np.float64) / 255.0).astype(np.float32)
+    return pts, cols
+
+
+def write_entry(path: Path, points: np.ndarray, colours: np.ndarray) -> Path:
+    """Write an entry atomically, checked by reading it back before it is moved into place (see the module
+    docstring); raises (and leaves no entry) if the write fails or the file does not read back exactly."""
+    from plyfile import PlyData, PlyElement
+
+    v = _entry_vertices(points, colours)
+    digest = hashlib.sha256(v.tobytes()).hexdigest()
+    ply = PlyData([PlyElement.describe(v, "vertex")], text=False, byte_order="<", comments=[ENTRY_DIGEST + digest])
+
+    def verify(tmp: Path) -> None:
+        pts, _ = read_entry(tmp)  # size and digest
+        if len(pts) != len(v):
+            raise CacheEntryError(f"{len(pts)} points read back, {len(v)} written")
+
+    return write_atomic(path, ply.write, verify=verify)
 
 
 @dataclass
@@ -89,7 +162,10 @@ class SegmentPointCloud:
             logger.warning("KNN cache %s does not match its cloud; recomputing it", side)
         d = knn_mean_distance(self.points, backend=self.knn_backend, device=self.knn_device)
         if side is not None:
-            write_atomic(side, lambda f: np.save(f, d))
+            try:
+                write_atomic(side, lambda f: np.save(f, d))
+            except OSError as e:
+                logger.warning("KNN scales not cached (%s: %s)", side, e)
         return d
 
 
@@ -141,20 +217,25 @@ class PointCloudCache:
         path = self.path_for(generator, scene, segment, input_frames) if self.enabled else None
         if path is not None and path.exists():
             try:
-                pts, cols = read_ply(path)
+                pts, cols = read_entry(path)
                 if len(pts) > 0:
                     self.hits += 1
                     return SegmentPointCloud(scene.scene_id, scene.name, segment.segment_id, pts, cols, path, True,
                                              time.perf_counter() - t0, **knn)
                 logger.warning("cache entry %s is empty; rebuilding it", path)
-            except Exception as e:  # noqa: BLE001 - any unreadable entry is rebuilt
-                logger.warning("cache entry %s is unreadable (%s: %s); rebuilding it", path, type(e).__name__, e)
+            except (CacheEntryError, OSError) as e:  # never trusted: rebuilt
+                logger.warning("cache entry %s is incomplete (%s); rebuilding it", path, e)
+            path.with_suffix(".knn.npy").unlink(missing_ok=True)  # scales of the old cloud
         self.misses += 1
         pts, cols = generator.generate_pointcloud(scene, segment, input_frames)
+        # what a later run reads back (float32, colours quantised to 8 bits), so that a hit and a miss agree
+        pts, cols = np.asarray(pts, dtype=np.float32), quantise_colours(cols)
         if path is not None:
-            write_ply_atomic(path, pts, cols)
-            # what a later run reads back (colours quantised to 8 bits), so that a hit and a miss agree
-            cols = quantise_colours(cols)
+            try:
+                write_entry(path, pts, cols)
+            except (OSError, CacheEntryError) as e:
+                logger.warning("segment cloud not cached (%s: %s); continuing with it in memory", path, e)
+                path = None
         return SegmentPointCloud(scene.scene_id, scene.name, segment.segment_id, pts, cols, path, False,
                                  time.perf_counter() - t0, **knn)
 

@@ -244,11 +244,25 @@ class RGBPointCloudGenerator(abc.ABC):
             "segment": {"frames": [int(t) for t in segment.frame_indices],
                         "aabb": [[float(x) for x in v] for v in segment.aabb]},
             "scene": {"name": scene.name, "num_frames": scene.num_frames, **_file_stamps(self._source_files(scene))},
+            # every file the cloud may read (size and modification time): changed inputs build a new entry
+            "inputs": _stamps_digest(scene.root, self._input_files(scene, segment, input_frames)),
         }
 
     def _source_files(self, scene: SceneRecord) -> List[Path]:
         tf = scene.metadata.get("transforms") if isinstance(scene.metadata, dict) else None
         return [Path(tf)] if tf else []
+
+    def _input_files(self, scene: SceneRecord, segment: Segment, input_frames: InputFrames = None) -> List[Path]:
+        """The per-frame files the cloud may read: of every segment frame allowed as input (the fallbacks may use
+        more frames than the sparsity picks), every camera's image, depth map and sky mask."""
+        allowed = allowed_predicate(input_frames)
+        out: List[Path] = []
+        for t in segment.frame_indices:
+            if not allowed(t):
+                continue
+            for r in scene.frame_images(int(t)):
+                out += [p for p in (r.image_path, r.depth_path, r.sky_mask_path) if p]
+        return out
 
     # ------------------------------------------------------------------------------------------------ generation
     def generate_pointcloud(
@@ -310,6 +324,26 @@ class RGBPointCloudGenerator(abc.ABC):
              input_frames: InputFrames) -> Tuple[Union[np.ndarray, torch.Tensor], Union[np.ndarray, torch.Tensor]]:
         """Unfiltered float32 points and colours of ``frames`` (before boxes, outlier removal, subsampling): numpy
         arrays, or tensors on the backend's device."""
+
+
+def _stamps_digest(root, paths: Sequence[Path]) -> str:
+    """One digest of ``[relative path, mtime ns, size]`` of each of ``paths`` (None for a missing file)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for p in paths:
+        p = Path(p)
+        try:
+            st = p.stat()
+            stamp = f"{int(st.st_mtime_ns)}:{int(st.st_size)}"
+        except OSError:
+            stamp = "missing"
+        try:
+            name = str(p.relative_to(root))
+        except ValueError:
+            name = str(p)
+        h.update(f"{name}|{stamp}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
 
 def _file_stamps(paths: Sequence[Path]) -> Dict[str, object]:
@@ -498,6 +532,11 @@ class LidarRGBPointCloudGenerator(RGBPointCloudGenerator):
         key["lidar"] = {"paths": [str(p) if p else None for p in (scene.lidar_paths or [])],
                         "version": str(scene.metadata.get("lidar_version", ""))}
         return key
+
+    def _input_files(self, scene, segment, input_frames=None):
+        paths = scene.lidar_paths or []
+        sweeps = [paths[int(t)] for t in segment.frame_indices if int(t) < len(paths) and paths[int(t)]]
+        return super()._input_files(scene, segment, input_frames) + list(dict.fromkeys(sweeps))
 
     def _raw(self, scene, segment, frames, opts, input_frames):
         if not frames:

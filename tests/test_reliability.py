@@ -515,3 +515,17 @@ def test_cameras_inside_the_cloud_do_not_produce_nan(pipe_and_batch):
     # points all around (and exactly at) the camera centres: depth 0, behind and in front
     pts = np.concatenate([cams, cams + 1e-7, (cams[:, None] + rng.normal(0, 1.0, (len(cams), 40, 3))).reshape(-1, 3)])
     assert _step_on_points(pipe, batch, pts)["num_gaussians"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_ns_train_without_cuda_is_one_line_naming_the_cpu_options(tmp_path):
+    root = write_root(tmp_path / "r", num_scenes=2, num_frames=24, num_cams=2, size=(8, 12))
+    env = {**os.environ, "COLUMNS": "200"}
+    env.pop("EVOLSPLAT_NS_VERBOSE", None)
+    out = subprocess.run([sys.executable, "-m", "nerfstudio.scripts.train", "evolsplat-ff", "--data", str(root),
+                          "--vis", "tensorboard", "--output-dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in out.stderr
+    assert "--machine.device-type cpu" in errors[0] and "evolsplat-ff-small" in errors[0]

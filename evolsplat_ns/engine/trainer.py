@@ -27,7 +27,7 @@ from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from evolsplat_ns.errors import one_line_errors_in_nerfstudio_commands
+from evolsplat_ns.errors import ConfigError, one_line_errors_in_nerfstudio_commands
 from evolsplat_ns.engine.checkpoint import check_checkpoint, resolve_checkpoint
 
 
@@ -48,11 +48,23 @@ class EvolSplatTrainerConfig(TrainerConfig):
         return path
 
 
+def check_device(device_type: str, method: str) -> None:
+    """A CUDA run on a machine without CUDA is a :class:`ConfigError` naming the way to run on the CPU (instead of
+    torch's "Found no NVIDIA driver" deep inside the set-up)."""
+    import torch
+
+    if str(device_type) == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{method} is set to train on CUDA but this machine has no usable CUDA device: add "
+                          f"--machine.device-type cpu, or use the CPU preset (ns-train evolsplat-ff-small --data ..., "
+                          f"which picks the CPU by itself)")
+
+
 class EvolSplatTrainer(Trainer):
     config: EvolSplatTrainerConfig
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
         with one_line_errors_in_nerfstudio_commands():
+            check_device(self.config.machine.device_type, self.config.method_name)
             # before the data are indexed and the model built: a bad checkpoint costs seconds, not minutes
             self._resume_path: Optional[Path] = resolve_checkpoint(
                 self.config.load_dir, self.config.load_step, self.config.load_checkpoint)

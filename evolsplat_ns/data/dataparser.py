@@ -21,6 +21,7 @@ import numpy as np
 
 from evolsplat_ns.cameras import intrinsics_matrix, opengl_to_opencv, rigid_inverse
 from evolsplat_ns.data.depth_check import NON_FINITE_DEPTH_KEY
+from evolsplat_ns.data.plausibility import check_intrinsics
 from evolsplat_ns.errors import DataValidationError
 from evolsplat_ns.data.records import SKY_0_IS_SKY, SKY_255_IS_SKY, ImageRecord, SceneRecord
 
@@ -114,8 +115,12 @@ def _check_depth_file(path: Path, where: str, non_finite: str) -> None:
     from evolsplat_ns.data.depth_check import check_depth_values
     from evolsplat_ns.data.views import read_depth
 
-    # raises DataValidationError naming the file, the field and (NaN / inf) the fraction of bad pixels
-    check_depth_values(read_depth(path, check_values=False), path, where, non_finite)  # type: ignore[arg-type]
+    from evolsplat_ns.data.plausibility import check_depth_unit
+
+    # raises DataValidationError naming the file, the field and (NaN / inf) the fraction of bad pixels; then the
+    # unit (median depth) and, in read_depth, the bit depth / dtype
+    d = check_depth_values(read_depth(path, check_values=False), path, where, non_finite)  # type: ignore[arg-type]
+    check_depth_unit(d, path, "npy" if path.suffix == ".npy" else "png")
 
 
 def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True, check_depth_values: bool = True,
@@ -161,6 +166,7 @@ def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True, check_
             intr[k] = _number(tf_path, f"{where}.{k}" if k in fr else k, v)
         if intr["fl_x"] <= 0 or intr["fl_y"] <= 0 or intr["w"] < 1 or intr["h"] < 1:
             raise DataValidationError(tf_path, f"{where}.fl_x/fl_y/w/h", "positive focal lengths and image size")
+        check_intrinsics(tf_path, where, intr["fl_x"], intr["fl_y"], intr["cx"], intr["cy"], intr["w"], intr["h"])
         cam = fr.get("camera", 0)
         if isinstance(cam, bool) or not isinstance(cam, int) or cam < 0:
             raise DataValidationError(tf_path, f"{where}.camera", "a non-negative integer camera id", repr(cam))

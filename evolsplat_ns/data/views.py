@@ -29,10 +29,14 @@ def read_image(path: Path) -> np.ndarray:
     """[H, W, 3] uint8 RGB."""
     from PIL import Image
 
+    from evolsplat_ns.data.plausibility import image_to_rgb8
+
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            return image_to_rgb8(im, path)  # 16-bit greyscale scaled, not clipped to white
     except (OSError, ValueError, SyntaxError) as e:  # e.g. truncated pixel data behind a valid header
+        if isinstance(e, DataValidationError):
+            raise
         raise DataValidationError(path, "file_path", "a readable image", f"{type(e).__name__}: {e}") from None
 
 
@@ -42,14 +46,19 @@ def read_depth(path: Path, non_finite: str = "error", check_values: bool = True)
     With ``check_values`` the values are checked (:mod:`evolsplat_ns.data.depth_check`): all zero is an error,
     NaN / inf an error (``non_finite="error"``, with the fraction) or read as 0 (``"unknown"``).
     """
+    from evolsplat_ns.data import plausibility
+
     if path.suffix == ".npy":
-        d = np.load(path).astype(np.float32)
+        raw = np.load(path)
+        plausibility.check_depth_npy_dtype(raw, path)
+        d = raw.astype(np.float32)
         if d.ndim == 3 and d.shape[-1] == 1:
             d = d[..., 0]
     else:
         from PIL import Image
 
         with Image.open(path) as im:
+            plausibility.check_depth_png_mode(im, path)
             d = np.asarray(im, dtype=np.float32) / 1000.0
     if d.ndim != 2:
         raise DataValidationError(path, "depth", "a depth map of shape [H, W]", f"shape {d.shape}")
@@ -57,6 +66,7 @@ def read_depth(path: Path, non_finite: str = "error", check_values: bool = True)
         from evolsplat_ns.data.depth_check import check_depth_values
 
         d = check_depth_values(d, path, "depth_file_path", non_finite)  # type: ignore[arg-type]
+        plausibility.check_depth_unit(d, path, "npy" if path.suffix == ".npy" else "png")
     return d
 
 

@@ -180,7 +180,19 @@ def image_size(path: Path, where: str) -> Tuple[int, int]:
 
 
 def check_camera_sizes(raws: Sequence[RawImage], check_files: bool) -> None:
-    """Every image exists, is readable and has its camera's declared size (headers only)."""
+    """Every camera's intrinsics are plausible for its image size
+    (:func:`evolsplat_ns.data.plausibility.check_intrinsics`); with ``check_files`` every image exists, is readable
+    and has its camera's declared size (headers only)."""
+    from evolsplat_ns.data.plausibility import check_intrinsics
+
+    seen = set()
+    for r in raws:
+        key = (r.camera_id, tuple(np.round(np.asarray(r.K, dtype=np.float64).reshape(-1), 6)), r.width, r.height)
+        if key not in seen:
+            seen.add(key)
+            K = np.asarray(r.K, dtype=np.float64)
+            check_intrinsics(r.image_path, f"camera {r.camera_id} intrinsics", K[0, 0], K[1, 1], K[0, 2], K[1, 2],
+                             r.width, r.height)
     if not check_files:
         return
     for r in raws:

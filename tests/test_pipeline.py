@@ -369,3 +369,39 @@ def test_zero_shot_then_finetune(trained, data_root, tmp_path):
     assert step == 3 and pipe.model.num_points == row["gaussians"]["finetuned"]
     cam = pipe.datamanager.eval_dataset.cameras[0:1]
     assert pipe.model.get_outputs_for_camera(cam)["rgb"].shape[-1] == 3
+
+
+def test_infer_output_is_never_a_mix_and_errors_name_their_cause(trained, data_root, tmp_path, capsys):
+    from evolsplat_ns.cli.infer import InferArgs, main
+
+    cfg, _ = trained
+    config = cfg.get_base_dir() / "config.yml"
+    # a folder of other files is refused before any work, and left as it was
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as ei:
+        main(InferArgs(load_config=config, data=data_root / "scene_002", output=other))
+    assert ei.value.code == 2 and "non-empty folder" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]
+    # an earlier run's output (here: interrupted, with a stale file) is cleared: no old file survives a new run
+    out = tmp_path / "o"
+    main(InferArgs(load_config=config, data=data_root / "scene_002", output=out, export_ply=False))
+    (out / "renders" / "stale_from_an_old_run.png").write_bytes(b"x")
+    (out / "metrics.json").unlink()  # as if interrupted
+    main(InferArgs(load_config=config, data=data_root / "scene_002", output=out, export_ply=False))
+    assert (out / "metrics.json").exists() and not (out / "renders" / "stale_from_an_old_run.png").exists()
+    # a bad --holdout is a usage error, not a "bad checkpoint"
+    with pytest.raises(SystemExit):
+        main(InferArgs(load_config=config, data=data_root / "scene_002", output=tmp_path / "h", holdout="even"))
+    err = capsys.readouterr().err
+    assert "--holdout 'even'" in err and "checkpoint" not in err
+    # data with another camera count than the checkpoint's: said so, with both view counts
+    from evolsplat_ns.data.synthetic import generate_scenes
+
+    two = tmp_path / "two"
+    generate_scenes(two, 1, 5, 24, 72, num_frames=30, num_cameras=2, quiet=True)
+    with pytest.raises(SystemExit):
+        main(InferArgs(load_config=config, data=two / "scene_000", output=tmp_path / "c"))
+    err = capsys.readouterr().err
+    assert "reads 9 source views" in err and "give 6" in err and "cameras" in err

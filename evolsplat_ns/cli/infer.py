@@ -25,7 +25,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional
 
 import tyro
 
@@ -39,9 +39,12 @@ class InferArgs:
     data: Path
     """An unseen scene folder (or a multi-scene root: every scene is reconstructed)."""
     output: Path = Path("infer_output")
-    """Output folder."""
-    holdout: str = "odd"
-    """'odd': even frames are inputs and odd frames are tested (Drop50); 'none': every frame may be an input."""
+    """Output folder: new or empty, or the output of an earlier evolsplat-ns-infer run (then cleared first, so
+    that old and new files never mix; ``metrics.json`` is written last: a folder without it is an interrupted
+    run)."""
+    holdout: Literal["odd", "none", "Drop25", "Drop50", "Drop80", "Drop90"] = "odd"
+    """'odd': even frames are inputs and odd frames are tested (Drop50); 'none': every frame may be an input;
+    DropXX: the reference's frame-sparsity protocols."""
     export_ply: bool = True
     finetune_seconds: float = 0.0
     """After the zero-shot reconstruction, optimise each scene for this many seconds (0: no fine-tuning), started
@@ -65,6 +68,10 @@ def infer(args: InferArgs) -> Dict[str, object]:
 
     if not args.load_config.exists():
         raise DataValidationError(args.load_config, None, "an existing config.yml of a trained run")
+    check_output(Path(args.output))  # before any long work
+    holdouts = ("odd", "none", "Drop25", "Drop50", "Drop80", "Drop90")
+    if args.holdout not in holdouts:  # a usage error (Python callers bypass tyro's check), not a bad checkpoint
+        raise ConfigError(f"--holdout {args.holdout!r}: expected one of {', '.join(holdouts)}")
     n_scenes = len(find_layout_scenes(args.data, "auto"))  # any layout (multiscene, reference, drivestudio, ...)
 
     def retarget(config):
@@ -87,8 +94,7 @@ def infer(args: InferArgs) -> Dict[str, object]:
                                   f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from e
     model = pipeline.ff_model
     model.segments.clear()  # the checkpoint's segments belong to its own training scenes
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _fresh_output(Path(args.output))
     result = evaluate(pipeline, render_dir=out / "renders", description="Scoring held-out views")
     dm = pipeline.datamanager
     metric_names = result.metric_names()
@@ -141,6 +147,33 @@ def infer(args: InferArgs) -> Dict[str, object]:
     text = json.dumps(summary, indent=2)
     write_atomic(out / "metrics.json", lambda f: f.write(text.encode("utf-8")))
     return summary
+
+
+OUTPUT_MARKER = ".evolsplat-ns-infer"
+"""Written first into an output folder: marks it as this command's (a later run may clear it)."""
+
+
+def check_output(out: Path) -> None:
+    """``--output`` must be a folder this command may fill: new, empty, or an earlier run's."""
+    from evolsplat_ns.errors import DataValidationError
+
+    if out.exists() and not out.is_dir():
+        raise DataValidationError(out, "--output", "a folder to write into (or a path to create)", "an existing file")
+    if out.is_dir() and any(out.iterdir()) and not (out / OUTPUT_MARKER).exists() and not (out / "metrics.json").exists():
+        raise DataValidationError(out, "--output", "a new or empty folder, or an earlier evolsplat-ns-infer output",
+                                  "a non-empty folder of other files (nothing was changed in it)")
+
+
+def _fresh_output(out: Path) -> Path:
+    """Clear an earlier run's output (checked by :func:`check_output`), create the folder and mark it."""
+    import shutil
+
+    if out.is_dir() and any(out.iterdir()):
+        for p in out.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OUTPUT_MARKER).write_text("evolsplat-ns-infer output; metrics.json is written last\n")
+    return out
 
 
 def _finetune(pipeline, result, out: Path, args: InferArgs) -> Dict[str, object]:

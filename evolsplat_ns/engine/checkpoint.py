@@ -113,7 +113,29 @@ def load_pipeline_state(load: Callable[[Any, int], None], pipeline_state: Any, s
         load(pipeline_state, step)
     except RuntimeError as e:
         raise CheckpointError(path or Path("<checkpoint>"), "pipeline", "weights of the model this config builds "
-                              "(same model options as the run that wrote the checkpoint)", summarize_load_error(e)) from e
+                              "(same model options as the run that wrote the checkpoint)",
+                              source_view_mismatch(pipeline_state, e) or summarize_load_error(e)) from e
+
+
+def source_view_mismatch(pipeline_state: Mapping, error: BaseException) -> Optional[str]:
+    """When a load failed because the colour head reads another number of source views than the model built for
+    this data (another camera count, or another ``num_source_keyframes``), say so with both counts; else None."""
+    m = re.search(r"size mismatch for (?:_model\.)?(?:module\.)?heads\.colour\.0\.weight: copying a param with "
+                  r"shape torch\.Size\(\[\d+, (\d+)\]\) from checkpoint, the shape in current model is "
+                  r"torch\.Size\(\[\d+, (\d+)\]\)", str(error))
+    if m is None:
+        return None
+    window = next((int(v.shape[1]) for k, v in pipeline_state.items() if k.endswith("background.colour.0.weight")),
+                  None)  # 3 per source view
+    ckpt_in, model_in = int(m.group(1)), int(m.group(2))
+    if window:
+        ckpt_views = window // 3
+        per_view = (ckpt_in - 4) // ckpt_views if ckpt_views else 0
+        model_views = (model_in - 4) // per_view if per_view else "?"
+        return (f"a model that reads {ckpt_views} source views per batch, but this data and config give "
+                f"{model_views} (source keyframes x cameras): use data with the cameras the model was trained on "
+                f"(the layout's camera option), or the same --pipeline.datamanager.num-source-keyframes")
+    return f"colour-head inputs {ckpt_in} in the checkpoint, {model_in} here: another number of source views"
 
 
 def summarize_load_error(e: BaseException) -> str:

@@ -3,6 +3,10 @@
 Per vertex: ``x y z``, ``nx ny nz`` (zeros), ``f_dc_0..2``, ``f_rest_0..(3(K-1)-1)`` channel-major (all red
 coefficients, then green, then blue), ``opacity`` (logit), ``scale_0..2`` (log), ``rot_0..3`` (unit quaternion,
 w x y z). Written atomically: a temporary file in the same folder, then renamed.
+
+Every property is float32, as 3DGS tools expect, except ``x y z`` when a coordinate exceeds
+:data:`DOUBLE_POSITIONS_ABOVE` metres (world frames in UTM, ~5e6 m, where float32 would round positions to 0.5 m):
+then they are float64 (PLY ``double``), so that a scene far from the origin exports the same geometry as near it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ import torch
 from torch import Tensor
 
 from evolsplat_ns.atomic import write_atomic
+
+
+DOUBLE_POSITIONS_ABOVE = 1.0e5
+"""Metres: beyond this, float32 spacing exceeds 7 mm, and positions are written as float64."""
 
 
 def gaussian_ply_fields(num_rest: int):
@@ -38,11 +46,15 @@ def write_gaussian_ply(path: Union[str, Path], means: Tensor, sh: Tensor, opacit
     N, K, _ = sh.shape
     q = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     rest = sh[:, 1:, :].transpose(1, 2).reshape(N, 3 * (K - 1))  # channel-major
-    cols = [means, torch.zeros_like(means), sh[:, 0, :], rest, opacity_logit.reshape(N, 1), log_scales, q]
+    cols = [torch.zeros_like(means), sh[:, 0, :], rest, opacity_logit.reshape(N, 1), log_scales, q]
     data = torch.cat([c.detach().float().cpu() for c in cols], dim=1).numpy()
+    xyz = means.detach().double().cpu().numpy()
+    pos_type = "f8" if N and float(np.abs(xyz).max()) > DOUBLE_POSITIONS_ABOVE else "f4"
     names = gaussian_ply_fields(K - 1)
-    arr = np.empty(N, dtype=[(n, "f4") for n in names])
-    for i, n in enumerate(names):
+    arr = np.empty(N, dtype=[(n, pos_type if n in ("x", "y", "z") else "f4") for n in names])
+    for i, n in enumerate(("x", "y", "z")):
+        arr[n] = xyz[:, i]
+    for i, n in enumerate(names[3:]):
         arr[n] = data[:, i]
     write_atomic(path, lambda f: PlyData([PlyElement.describe(arr, "vertex")], text=False).write(f))
     return path
@@ -80,7 +92,8 @@ def read_gaussian_ply(path: Union[str, Path]) -> Dict[str, Tensor]:
     n = len(v)
     rest = cols([f"f_rest_{i}" for i in range(n_rest)]) if n_rest else torch.zeros(n, 0)
     sh = torch.cat([cols(["f_dc_0", "f_dc_1", "f_dc_2"])[:, None], rest.reshape(n, 3, k - 1).transpose(1, 2)], 1)
-    out = {"means": cols(["x", "y", "z"]), "sh": sh, "opacity_logit": cols(["opacity"])[:, 0],
+    xyz = torch.from_numpy(np.stack([np.asarray(v[f], dtype=np.float64) for f in ("x", "y", "z")], axis=1))
+    out = {"means": xyz if xyz.abs().max() > DOUBLE_POSITIONS_ABOVE else xyz.float(), "sh": sh, "opacity_logit": cols(["opacity"])[:, 0],
            "log_scales": cols(["scale_0", "scale_1", "scale_2"]), "quats": cols(["rot_0", "rot_1", "rot_2", "rot_3"])}
     for name, t in out.items():
         if not bool(torch.isfinite(t).all()):

@@ -45,13 +45,14 @@ def rotate_quaternions(q: Tensor, R: np.ndarray) -> Tensor:
 
 def to_data_world(gaussians: Dict[str, Tensor], align: np.ndarray) -> Dict[str, Tensor]:
     """The Gaussians of :meth:`EvolSplatModel.export_gaussians` (``means`` [N, 3], ``quats`` [N, 4], ``sh`` [N, K, 3],
-    ``log_scales``, ``opacity_logit``), project frame -> data world frame (``align``: [4, 4] world -> project)."""
+    ``log_scales``, ``opacity_logit``), project frame -> data world frame (``align``: [4, 4] world -> project).
+    ``means`` come back as float64: world coordinates may be far from the origin."""
     inv = np.linalg.inv(np.asarray(align, dtype=np.float64))
     R, t = inv[:3, :3], inv[:3, 3]
     means = gaussians["means"]
     out = dict(gaussians)
     m = means.detach().double().cpu().numpy() @ R.T + t
-    out["means"] = torch.as_tensor(m, dtype=means.dtype, device=means.device)
+    out["means"] = torch.as_tensor(m, dtype=torch.float64, device=means.device)  # world frame: float64 (UTM)
     out["quats"] = rotate_quaternions(gaussians["quats"], R)
     sh = gaussians["sh"]
     k = sh.shape[1]

@@ -48,8 +48,8 @@ class NormalisedFrame:
         out = dict(g)
         c = torch.as_tensor(self.centre, dtype=torch.float64, device=g["means"].device)
         m = g["means"].double()
-        if inverse:
-            out["means"] = (m / self.scale + c).to(g["means"].dtype)
+        if inverse:  # back to the project frame, kept in float64 (the caller may move it far from the origin)
+            out["means"] = m / self.scale + c
             out["log_scales"] = g["log_scales"] - float(np.log(self.scale))
         else:
             out["means"] = ((m - c) * self.scale).to(g["means"].dtype)

@@ -627,7 +627,7 @@ class SeedPlySource(RGBPointCloudGenerator):
             )
         from evolsplat_ns.pointcloud.plyio import read_ply
 
-        pts, cols = read_ply(scene.seed_ply_path)
+        pts, cols = read_ply(scene.seed_ply_path, points_dtype=np.float64)  # world frame: exact until aligned
         A = np.asarray(scene.align, dtype=np.float64)
         pts = (pts.astype(np.float64) @ A[:3, :3].T + A[:3, 3]).astype(np.float32)
         opts = self.options

@@ -63,31 +63,33 @@ def write_ply(path, points: np.ndarray, colours: Optional[np.ndarray] = None) ->
     PlyData([PlyElement.describe(v, "vertex")], text=False, byte_order="<").write(str(path))
 
 
-def read_ply(path) -> Tuple[np.ndarray, np.ndarray]:
-    """Read ``(points [N, 3] float32, colours [N, 3] float32 in [0, 1])``; grey 0.5 when the file has no colour."""
+def read_ply(path, points_dtype=np.float32) -> Tuple[np.ndarray, np.ndarray]:
+    """Read ``(points [N, 3], colours [N, 3] float32 in [0, 1])``; grey 0.5 when the file has no colour. Points
+    come as ``points_dtype``: float64 keeps world coordinates far from the origin exact (UTM: 5e6 m, where float32
+    rounds to 0.5 m)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no PLY file at {path}")
     try:  # plyfile first: it reads every PLY we write in ~50 ms for 600 k points, without importing open3d
-        return _read_plyfile(path)
+        return _read_plyfile(path, points_dtype)
     except Exception:  # noqa: BLE001 - a variant plyfile cannot parse: let open3d try, else report plyfile's error
         o3d = open3d_module()
         if o3d is None:
             raise
     pc = o3d.io.read_point_cloud(str(path), format="ply")
-    pts = np.asarray(pc.points, dtype=np.float32).reshape(-1, 3)
+    pts = np.asarray(pc.points, dtype=points_dtype).reshape(-1, 3)
     if len(pts) == 0 and path.stat().st_size > 0:
         _check_empty_with_plyfile(path)
     cols = quantise_colours(np.asarray(pc.colors, dtype=np.float64)) if pc.has_colors() else np.full_like(pts, 0.5)
     return pts, cols
 
 
-def _read_plyfile(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+def _read_plyfile(path: Path, points_dtype=np.float32) -> Tuple[np.ndarray, np.ndarray]:
     from plyfile import PlyData
 
     ply = PlyData.read(str(path))
     v = ply["vertex"].data
-    pts = np.stack([v["x"], v["y"], v["z"]], axis=1).astype(np.float32)
+    pts = np.stack([v["x"], v["y"], v["z"]], axis=1).astype(points_dtype)
     names = v.dtype.names or ()
     if all(c in names for c in ("red", "green", "blue")):
         cols = np.stack([v["red"], v["green"], v["blue"]], axis=1)

@@ -529,3 +529,40 @@ def test_ns_train_without_cuda_is_one_line_naming_the_cpu_options(tmp_path):
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in out.stderr
     assert "--machine.device-type cpu" in errors[0] and "evolsplat-ff-small" in errors[0]
+
+
+def test_resume_is_tied_to_its_scenes_and_cloud_options_and_nan_weights_are_refused(run_a, synth, tmp_path):
+    """Resuming on other scenes or other point-cloud options is refused with one line naming what differs; a
+    checkpoint with NaN weights is refused by resume and by nerfstudio's eval_setup (ns-eval, ns-viewer, infer)."""
+    import shutil
+
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    cfg_a, _ = run_a
+    ckpt_dir = cfg_a.get_checkpoint_dir()
+    fewer = tmp_path / "fewer"  # one scene removed
+    shutil.copytree(synth, fewer)
+    shutil.rmtree(sorted(p for p in fewer.iterdir() if p.is_dir() and p.name.startswith("scene"))[-1])
+    cfg = _config(fewer, tmp_path / "b", max_num_iterations=1)
+    cfg.load_dir = ckpt_dir
+    trainer = cfg.setup(local_rank=0, world_size=1)
+    with pytest.raises(CheckpointError) as ei:
+        trainer.setup()
+    assert "field 'scenes'" in str(ei.value) and "missing" in str(ei.value)
+    cfg = _config(synth, tmp_path / "c", max_num_iterations=1)
+    cfg.load_dir = ckpt_dir
+    cfg.pipeline.model.pointcloud.max_points = 700  # other clouds: the saved offsets would not fit them
+    trainer = cfg.setup(local_rank=0, world_size=1)
+    with pytest.raises(CheckpointError) as ei:
+        trainer.setup()
+    assert "pipeline.model.pointcloud" in str(ei.value) and "max_points (800 -> 700)" in str(ei.value)
+    # NaN weights: refused when evaluating (and resuming), naming the tensor
+    bad = _copy_run(cfg_a, tmp_path / "nan")
+    for ck in bad.get_checkpoint_dir().glob("*.ckpt"):
+        state = torch.load(ck, map_location="cpu", weights_only=True)
+        key = next(k for k in state["pipeline"] if k.endswith("heads.opacity.0.weight"))
+        state["pipeline"][key][0, 0] = float("nan")
+        torch.save(state, ck)
+    with pytest.raises(CheckpointError) as ei:
+        eval_setup(bad.get_base_dir() / "config.yml", test_mode="test")
+    assert "finite weights" in str(ei.value) and "heads.opacity.0.weight" in str(ei.value)

@@ -109,12 +109,50 @@ def load_pipeline_state(load: Callable[[Any, int], None], pipeline_state: Any, s
     """``load(pipeline_state, step)`` (nerfstudio's ``load_pipeline``) after :func:`check_pipeline_state`, with
     load_state_dict's key listing (a differently configured model) turned into one :class:`CheckpointError`."""
     check_pipeline_state(pipeline_state, path)
+    check_finite_weights(pipeline_state, path)
     try:
         load(pipeline_state, step)
     except RuntimeError as e:
         raise CheckpointError(path or Path("<checkpoint>"), "pipeline", "weights of the model this config builds "
                               "(same model options as the run that wrote the checkpoint)",
                               source_view_mismatch(pipeline_state, e) or summarize_load_error(e)) from e
+
+
+def check_finite_weights(pipeline_state: Mapping, path: Optional[Path] = None) -> None:
+    """Every floating-point tensor of the pipeline state is finite: weights with NaN / inf would render nothing
+    (evaluation) or poison every later step (resume). :class:`CheckpointError` naming the first bad tensor."""
+    import torch
+
+    bad = [(k, v) for k, v in pipeline_state.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        name, t = bad[0]
+        n = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(path or Path("<checkpoint>"), "pipeline", "finite weights",
+                              f"{n} NaN/inf value(s) in {name}" + (f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1
+                                                                   else ""))
+
+
+def check_provenance(saved: Optional[Mapping], current: Mapping, path: Optional[Path] = None) -> None:
+    """A training run resumes only on what its checkpoint was made from: the same scenes (segment states follow
+    scene ids) and the same point-cloud options (a segment's saved offsets belong to its cloud). Checkpoints
+    without a record (older ones) pass."""
+    if not saved:
+        return
+    where = path or Path("<checkpoint>")
+    if list(saved.get("scenes", [])) != list(current["scenes"]):
+        a, b = list(saved.get("scenes", [])), list(current["scenes"])
+        gone, new = [s for s in a if s not in b], [s for s in b if s not in a]
+        raise CheckpointError(where, "scenes", f"the scenes the run was trained on ({len(a)}, in that order) to "
+                              f"resume training; start a new run for other data",
+                              f"{len(b)} scenes here" + (f", missing {gone[:4]}" if gone else "")
+                              + (f", added {new[:4]}" if new else "") + ("" if gone or new else ", in another order"))
+    if saved.get("pointcloud") != current["pointcloud"]:
+        a, b = saved.get("pointcloud") or {}, current["pointcloud"]
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise CheckpointError(where, "pipeline.model.pointcloud", "the point-cloud options the run was trained with "
+                              "(its segments' saved offsets belong to those clouds)",
+                              "other values of " + ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:4]))
 
 
 def source_view_mismatch(pipeline_state: Mapping, error: BaseException) -> Optional[str]:

@@ -18,7 +18,7 @@ import torch
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
 from evolsplat_ns.data.batch import SegmentBatch
-from evolsplat_ns.engine.checkpoint import check_checkpoint, load_pipeline_state, resolve_checkpoint
+from evolsplat_ns.engine.checkpoint import check_checkpoint, check_provenance, load_pipeline_state, resolve_checkpoint
 from evolsplat_ns.errors import one_line_errors_in_nerfstudio_commands
 from evolsplat_ns.pipeline import distributed as ddp_utils
 from evolsplat_ns.pipeline import evaluation
@@ -187,13 +187,22 @@ class EvolSplatPipeline(VanillaPipeline):
         """Collective: every rank's resumable state to rank 0, for its next checkpoint (:class:`RankState`)."""
         self.ranks.gather(step, self.datamanager, self.ff_model.segments)
 
+    def provenance(self) -> Dict[str, Any]:
+        """What a checkpoint was made from: the scenes (in id order) and the point-cloud options."""
+        scenes = self.datamanager.scenes
+        return {"scenes": [scenes[i].name for i in sorted(scenes)],
+                "pointcloud": self.ff_model.config.pointcloud.to_key()}
+
     def get_extra_state(self) -> Dict[str, Any]:
-        return self.ranks.extra_state(self.datamanager.config.ddp_partition)
+        return {**self.ranks.extra_state(self.datamanager.config.ddp_partition), "provenance": self.provenance()}
 
     def set_extra_state(self, state: Any) -> None:
         pass  # read by load_state_dict, after the rest is loaded
 
     def load_state_dict(self, state_dict, strict: Optional[bool] = None):
+        if self.test_mode == "val":  # resuming training: only on what the checkpoint was made from
+            check_provenance((state_dict.get("_extra_state") or {}).get("provenance"), self.provenance(),
+                             self.checkpoint_path)
         out = super().load_state_dict(state_dict, strict=strict)
         store = next((v for k, v in state_dict.items() if k.startswith("_model.") and k.endswith("segments._extra_state")),
                      None)

@@ -131,7 +131,8 @@ def compare_scene(pipe, scene_id: int, scene_dir: Path, runs_dir: Path, name: st
         from evolsplat_ns.finetune.run import finetune_scene
 
         ft = finetune_scene(pipe, scene_id, scene_dir.parent / f"{name}_finetune", list(budgets),
-                            {k: row["evolsplat_ff"][k] for k in ("psnr", "ssim")})
+                            {k: row["evolsplat_ff"][k] for k in ("psnr", "ssim")}, keep_renders=True)
+        renders[f"finetuned_{int(max(budgets))}s"] = ft.pop("renders")
         row["finetune_curve"] = ft["curve"]
         row["merged_start"] = ft["merged_start"]
         row["feed_forward_seconds"] = ft["feed_forward"]["seconds"]
@@ -190,7 +191,8 @@ def main():
     if args.finetune:
         plot_curves(report, args.out / "psnr_vs_seconds.png")
     print("columns of the images: ground truth | evolsplat-ff | " + " | ".join(
-        f"splatfacto {int(b)} s" for b in sorted(args.budgets)))
+        f"splatfacto {int(b)} s" for b in sorted(args.budgets))
+        + (f" | fine-tuned from ours {int(max(args.budgets))} s" if args.finetune else ""))
 
 
 if __name__ == "__main__":

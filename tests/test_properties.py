@@ -36,9 +36,14 @@ def _rotation(q) -> np.ndarray:
 
 
 quats = st.lists(st.floats(-1, 1), min_size=4, max_size=4).filter(lambda q: np.linalg.norm(q) > 0.2)
-intrinsics = st.fixed_dictionaries({
-    "fl_x": st.floats(5, 3000), "fl_y": st.floats(5, 3000), "cx": st.floats(0, 2000), "cy": st.floats(0, 2000),
-    "w": st.integers(1, 4000), "h": st.integers(1, 4000)})
+@st.composite
+def intrinsics(draw):
+    """Plausible pinhole intrinsics (implausible ones are refused by name: tests/test_plausibility.py): any image
+    size, a field of view of 5-150 degrees per axis, the principal point within the central 80 %."""
+    w, h = draw(st.integers(8, 4000)), draw(st.integers(8, 4000))
+    fov_x, fov_y = draw(st.floats(5, 150)), draw(st.floats(5, 150))
+    return {"fl_x": w / (2 * np.tan(np.radians(fov_x) / 2)), "fl_y": h / (2 * np.tan(np.radians(fov_y) / 2)),
+            "cx": draw(st.floats(0.1, 0.9)) * w, "cy": draw(st.floats(0.1, 0.9)) * h, "w": w, "h": h}
 
 
 @st.composite
@@ -48,8 +53,8 @@ def scene_meta(draw):
     timesteps = sorted(draw(st.lists(st.integers(-50, 500), min_size=T, max_size=T, unique=True)))
     cams = sorted(draw(st.lists(st.integers(0, 7), min_size=C, max_size=C, unique=True)))
     per_frame = draw(st.booleans())
-    glob = draw(intrinsics)
-    cam_intr = {c: draw(intrinsics) if per_frame else glob for c in cams}
+    glob = draw(intrinsics())
+    cam_intr = {c: draw(intrinsics()) if per_frame else glob for c in cams}
     frames = []
     for ts in timesteps:
         for c in cams:

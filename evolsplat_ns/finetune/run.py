@@ -86,11 +86,12 @@ def finetune_config(data: Path, init_ply: Path, output_dir: Path, name: str, dev
 
 
 def finetune_scene(pipeline, scene_id: int, out: Path, seconds, feed_forward: Dict[str, float],
-                   max_steps: Optional[int] = None) -> Dict[str, object]:
+                   max_steps: Optional[int] = None, keep_renders: bool = False) -> Dict[str, object]:
     """Fine-tune evaluation scene ``scene_id`` for ``seconds`` (a number, or a list of budgets: scored after each,
     ``curve``) in ``out`` (see the module docstring). Returns its ``feed_forward`` (given: the zero-shot means of
     its held-out views) and ``finetuned`` metrics (``psnr``, ``ssim``, ``seconds``; the last budget), the
-    ``curve``, the steps, the Gaussian counts and the written paths."""
+    ``curve``, the steps, the Gaussian counts and the written paths; with ``keep_renders`` also ``renders``: the
+    test views after the last budget (CPU tensors, not JSON)."""
     from evolsplat_ns.export.ply import write_gaussian_ply
     from evolsplat_ns.export.world_frame import to_data_world
     from evolsplat_ns.finetune.merge import scene_gaussians
@@ -115,7 +116,10 @@ def finetune_scene(pipeline, scene_id: int, out: Path, seconds, feed_forward: Di
     result: Dict[str, object] = {"curve": curve}
 
     def scored(budget: float, steps: int, elapsed: float) -> None:
-        m = mean_metrics(ff.image_metrics, render_test_views(model, test_set), exported.targets)
+        preds = render_test_views(model, test_set)
+        if keep_renders:
+            result["renders"] = preds
+        m = mean_metrics(ff.image_metrics, preds, exported.targets)
         curve.append({"seconds": elapsed, "steps": steps, "psnr": m["psnr"], "ssim": m["ssim"]})
         result.update(steps=steps, finetuned={"psnr": m["psnr"], "ssim": m["ssim"], "seconds": elapsed})
 

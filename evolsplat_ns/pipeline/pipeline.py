@@ -129,8 +129,7 @@ class EvolSplatPipeline(VanillaPipeline):
         return metrics
 
     @property
-    def skipped_steps(self) -> int:
-        """Train steps skipped for a non-finite loss or gradient."""
+    def skipped_steps(self) -> int:  # train steps skipped for a non-finite loss or gradient
         return self.train_step.skipped_steps
 
     # ----------------------------------------------------------------------------------------------- eval
@@ -147,7 +146,7 @@ class EvolSplatPipeline(VanillaPipeline):
         return shared
 
     def render_targets(self, batch: SegmentBatch, shared=None) -> List[Dict[str, torch.Tensor]]:
-        """Every target view of ``batch`` as evaluation scores it, reconstructing it first unless ``shared``."""
+        """Every target view of ``batch`` as evaluation scores it (reconstructed first unless ``shared``)."""
         shared = shared if shared is not None else self.reconstruct(batch)
         return [evaluation.render_target(self.ff_model, batch, shared, v) for v in range(len(batch.target))]
 
@@ -189,15 +188,14 @@ class EvolSplatPipeline(VanillaPipeline):
 
     def provenance(self) -> Dict[str, Any]:
         """What a checkpoint was made from: the scenes (in id order) and the point-cloud options."""
-        scenes = self.datamanager.scenes
-        return {"scenes": [scenes[i].name for i in sorted(scenes)],
-                "pointcloud": self.ff_model.config.pointcloud.to_key()}
+        names = [self.datamanager.scenes[i].name for i in sorted(self.datamanager.scenes)]
+        return {"scenes": names, "pointcloud": self.ff_model.config.pointcloud.to_key()}
 
     def get_extra_state(self) -> Dict[str, Any]:
         return {**self.ranks.extra_state(self.datamanager.config.ddp_partition), "provenance": self.provenance()}
 
-    def set_extra_state(self, state: Any) -> None:
-        pass  # read by load_state_dict, after the rest is loaded
+    def set_extra_state(self, state: Any) -> None:  # read by load_state_dict, after the rest is loaded
+        pass
 
     def load_state_dict(self, state_dict, strict: Optional[bool] = None):
         if self.test_mode == "val":  # resuming training: only on what the checkpoint was made from

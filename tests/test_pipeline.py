@@ -405,3 +405,29 @@ def test_infer_output_is_never_a_mix_and_errors_name_their_cause(trained, data_r
         main(InferArgs(load_config=config, data=two / "scene_000", output=tmp_path / "c"))
     err = capsys.readouterr().err
     assert "reads 9 source views" in err and "give 6" in err and "cameras" in err
+
+
+def test_ns_export_gaussian_splat_writes_a_segment(trained, tmp_path):
+    """nerfstudio's own `ns-export gaussian-splat` on an evolsplat-ff run: the chosen segment's Gaussians (as
+    evolsplat-ns-infer exports them), not nerfstudio's bare assertion; a bad choice is one line."""
+    import os
+    import subprocess
+    import sys
+
+    from evolsplat_ns.export.ply import read_gaussian_ply
+
+    cfg, trainer = trained
+    env = {**os.environ, "EVOLSPLAT_EXPORT_SEGMENT": "2:0"}
+    env.pop("EVOLSPLAT_NS_VERBOSE", None)
+    cmd = [sys.executable, "-m", "nerfstudio.scripts.exporter", "gaussian-splat", "--load-config",
+           str(cfg.get_base_dir() / "config.yml"), "--output-dir", str(tmp_path / "exp")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    g = read_gaussian_ply(tmp_path / "exp" / "splat.ply")
+    pipe = trainer.pipeline
+    shared = pipe.reconstruct(pipe.datamanager.eval_batch(2, 0))
+    assert g["means"].shape[0] == shared.num_gaussians and g["sh"].shape[1] == 4
+    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**env, "EVOLSPLAT_EXPORT_SEGMENT": "9:9"})
+    errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
+    assert bad.returncode == 2 and len(errors) == 1 and "EVOLSPLAT_EXPORT_SEGMENT" in errors[0]

@@ -71,7 +71,13 @@ class EvolSplatPipeline(VanillaPipeline):
     @property
     def ff_model(self):
         """The model itself (unwrapped from DDP)."""
-        return self.model.module if hasattr(self.model, "module") else self.model
+        return self._model.module if hasattr(self._model, "module") else self._model
+
+    @property
+    def model(self):
+        """nerfstudio's model, except under ``ns-export gaussian-splat``: one segment's reconstruction as a
+        splatfacto model (:mod:`evolsplat_ns.export.ns_export`)."""
+        return self._segment_export if getattr(self, "_segment_export", None) is not None else super().model
 
     def activate(self, scene_id: int, segment_id: int) -> bool:
         """Make (scene, segment) the model's active segment; returns True if it was initialised now."""
@@ -181,6 +187,10 @@ class EvolSplatPipeline(VanillaPipeline):
         """nerfstudio's load; another method's checkpoint, or a differently configured model's, is one line."""
         with one_line_errors_in_nerfstudio_commands():
             load_pipeline_state(super().load_pipeline, loaded_state, step, self.checkpoint_path)
+            from evolsplat_ns.export.ns_export import exporting_gaussian_splat, segment_as_splatfacto
+
+            if self.test_mode != "val" and exporting_gaussian_splat():
+                self._segment_export = segment_as_splatfacto(self)
 
     def gather_rank_states(self, step: int) -> None:
         """Collective: every rank's resumable state to rank 0, for its next checkpoint (:class:`RankState`)."""

@@ -8,6 +8,9 @@ scales, LiDAR depth maps, 3DGS PLY exports).
 * ``verify(tmp)`` (optional) checks the written file before it is moved into place: what fails verification never
   becomes visible under ``path``.
 * A failed clean-up never hides the error that caused it.
+
+:func:`ensure_folder` checks at start-up that an output or cache folder can be made and written, naming the option
+that moves it when it cannot.
 """
 
 from __future__ import annotations
@@ -55,4 +58,26 @@ def write_atomic(path: Union[str, Path], write: Callable[[BinaryIO], None],
         except OSError:
             pass  # already gone, or not removable: the first error is the one to report
         raise
+    return path
+
+
+def ensure_folder(path: Union[str, Path], option: str) -> Path:
+    """Create the folder ``path`` (and its parents) if needed and check that a file can be written in it — at
+    start-up, before any long work. A folder that cannot be made or written (a file in its place or on its path,
+    permissions, a read-only disk) is a ``DataValidationError`` naming it and ``option``, the option that moves it."""
+    from evolsplat_ns.errors import DataValidationError, error_text
+
+    path = Path(path)
+    expected = f"a folder that can be created and written to (choose another with {option})"
+    if path.exists() and not path.is_dir():
+        raise DataValidationError(path, option, expected, "an existing file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-write-check.", dir=path)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        got = f"a path through the file {blocker}" if blocker is not None else error_text(e)
+        raise DataValidationError(path, option, expected, got) from None
     return path

@@ -34,6 +34,19 @@ class DataValidationError(ValueError):
         super().__init__(msg)
 
 
+def error_text(e: BaseException) -> str:
+    """The 'got' part of a user error for a file that could not be read, decoded or written, on one line and without
+    the path (the error names it already): 'missing file', 'a folder', 'PermissionError: Permission denied',
+    'OSError: image file is truncated'."""
+    if isinstance(e, FileNotFoundError):
+        return "missing file"
+    if isinstance(e, IsADirectoryError):
+        return "a folder"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{type(e).__name__}: {e.strerror}"
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:160]
+
+
 class ConfigError(ValueError):
     """An option, or a combination of options, that cannot work."""
 

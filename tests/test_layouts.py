@@ -530,3 +530,24 @@ def test_inspect_and_pointcloud_cli_on_every_layout(which, tmp_path, drivestudio
                                  pointcloud=PointCloudOptions(generator=gen, downscale=1),
                                  datamanager=_dm_config(which, **extra)))
         assert out.exists() and res[0]["points"] > 100, (gen, res)
+
+
+def test_kitti_raw_crop_keeps_each_frame_its_own_timestamp(tmp_path):
+    """A crop of a drive (frames 2-4 kept, timestamps.txt whole, as KITTI ships it): frame k takes line k of
+    timestamps.txt, not the k-th line among the kept files (which would shift every time by two frames)."""
+    from evolsplat_ns.data.layouts.kitti_raw import read_timestamps
+
+    date = tmp_path / "2011_09_26"
+    write_kitti_calib(date)
+    write_kitti_drive(date, num_frames=5)
+    d = date / "2011_09_26_drive_0001_sync"
+    for f in d.glob("*/data/000000000[01].*"):
+        f.unlink()
+    scene = load_one(date)
+    every = read_timestamps(d / "image_02" / "timestamps.txt", range(5))
+    kept = [scene.metadata["timestamps"][(t, 2)] for t in range(3)]
+    assert kept == every[2:] and kept != every[:3]
+    missing = d / "image_03" / "timestamps.txt"
+    missing.write_text("\n".join(missing.read_text().splitlines()[:4]) + "\n")  # no line for frame 4
+    with pytest.raises(DataValidationError, match="up to frame 4"):
+        load_one(date)

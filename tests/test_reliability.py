@@ -10,6 +10,8 @@ gradients; degenerate geometry (coincident points, views that see nothing, camer
 from __future__ import annotations
 
 import copy
+import errno
+import io
 import logging
 import math
 import os
@@ -291,8 +293,9 @@ def test_checkpoint_write_killed_midway_leaves_the_previous_one(run_a, tmp_path,
     real_save = torch.save
 
     def killed(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)
-        Path(f).write_bytes(Path(f).read_bytes()[:500])  # the process dies halfway through the write
+        buf = io.BytesIO()
+        real_save(obj, buf, *a, **k)
+        f.write(buf.getvalue()[:500])  # the process dies halfway through the write
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", killed)
@@ -301,6 +304,59 @@ def test_checkpoint_write_killed_midway_leaves_the_previous_one(run_a, tmp_path,
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(p.name for p in ck.iterdir()) == before  # no truncated step-6 file for --load-dir to pick
     assert resolve_checkpoint(ck, None, None).name == before[-1]
+
+
+class _FullDisk(io.RawIOBase):
+    """A file on a disk that fills up after ``room`` bytes: the rest of a write fails with ``OSError(code)``."""
+
+    def __init__(self, f, room: int, code: int):
+        self.f, self.room, self.code = f, room, code
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        b = bytes(b)
+        if len(b) > self.room:
+            self.f.write(b[:self.room])
+            self.room = 0
+            raise OSError(self.code, os.strerror(self.code))
+        self.room -= len(b)
+        return self.f.write(b)
+
+
+@pytest.mark.parametrize("code, where", [(errno.ENOSPC, "write"), (errno.EDQUOT, "fsync")])
+def test_a_full_disk_while_checkpointing_names_the_file_and_keeps_the_previous_one(run_a, monkeypatch, code, where):
+    """(issue 18) The disk fills up while ``step-7.ckpt`` is written (torch's zip writer wraps the failed write in a
+    RuntimeError; or the final fsync fails): one CheckpointError naming the file and the full disk; no partial or
+    temporary file anywhere in the run; every earlier checkpoint kept, even with save_only_latest_checkpoint."""
+    from evolsplat_ns.errors import is_user_error
+
+    cfg_a, trainer = run_a
+    ck = cfg_a.get_checkpoint_dir()
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    everything = sorted(str(p.relative_to(cfg_a.get_base_dir())) for p in cfg_a.get_base_dir().rglob("*"))
+    real_save = torch.save
+    if where == "write":
+        monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, _FullDisk(f, 3000, code), *a, **k))
+    else:
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(trainer.config, "save_only_latest_checkpoint", True)
+    with pytest.raises(CheckpointError) as e:
+        trainer.save_checkpoint(7)
+    monkeypatch.undo()
+    msg = str(e.value)
+    assert is_user_error(e.value) and "\n" not in msg  # one error: line under ns-train
+    assert msg.startswith(str(ck / "step-000000007.ckpt") + ": ")
+    full = "the disk quota is exceeded" if code == errno.EDQUOT else "the disk is full"
+    assert full in msg and "no partial file is left" in msg
+    assert f"the previous checkpoint {max(before)} is kept" in msg and f"--load-dir {ck}" in msg
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before  # nothing deleted, nothing half-written
+    assert sorted(str(p.relative_to(cfg_a.get_base_dir())) for p in cfg_a.get_base_dir().rglob("*")) == everything
+    check_checkpoint(ck / max(before))
+    assert resolve_checkpoint(ck, None, None).name == max(before)
 
 
 def test_resume_through_the_plugin_trainer_continues_exactly(run_a, synth, tmp_path):
@@ -419,7 +475,7 @@ def test_non_finite_gradient_skips_the_step_and_is_logged(synth, tmp_path, monke
         for i, st in opt_before[name]["state"].items():
             assert torch.equal(st["exp_avg"], st_after[i]["exp_avg"]) and torch.equal(st["exp_avg_sq"],
                                                                                    st_after[i]["exp_avg_sq"])
-    assert trainer.pipeline.skipped_steps == 1
+    assert trainer.pipeline.train_step.skipped_steps == 1
     assert torch.equal(model.segments.current["offset"], offsets)
     # the counter reaches nerfstudio's writer through the train metrics (logged every steps_per_log)
     metrics_logged = [d for n, d in logged if n == "Train Metrics Dict"]
@@ -440,9 +496,9 @@ def test_nan_forward_does_not_poison_statistics_or_segment_state(pipe_and_batch)
     image = batch.source.image.clone()
     image[0, :4] = float("nan")  # e.g. a corrupt frame that got through: NaN features, NaN loss
     bad = dataclasses.replace(batch, source=dataclasses.replace(batch.source, image=image))
-    skipped = pipe.skipped_steps
+    skipped = pipe.train_step.skipped_steps
     pipe.train_on_batch(bad, 2)
-    assert pipe.skipped_steps == skipped + 1
+    assert pipe.train_step.skipped_steps == skipped + 1
     assert all(p.grad is None for p in model.parameters())
     for n, b in model.named_buffers():
         assert torch.equal(b, bufs[n]), n  # no NaN in the running statistics used by evaluation
@@ -469,9 +525,9 @@ def _step_on_points(pipe, batch, points: np.ndarray, step=1):
     model.segments.activate(batch.scene_id, batch.segment_id,
                             lambda: {k: g[k] for k in ("means", "colours", "log_scales", "offset")})
     model.zero_grad(set_to_none=True)
-    skipped = pipe.skipped_steps
+    skipped = pipe.train_step.skipped_steps
     metrics = pipe.train_on_batch(batch, step)
-    assert pipe.skipped_steps == skipped, "the step was skipped: something went non-finite"
+    assert pipe.train_step.skipped_steps == skipped, "the step was skipped: something went non-finite"
     assert math.isfinite(metrics["view_loss_mean"])
     for n, p in model.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), n

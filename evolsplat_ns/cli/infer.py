@@ -162,6 +162,9 @@ def check_output(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / OUTPUT_MARKER).exists() and not (out / "metrics.json").exists():
         raise DataValidationError(out, "--output", "a new or empty folder, or an earlier evolsplat-ns-infer output",
                                   "a non-empty folder of other files (nothing was changed in it)")
+    from evolsplat_ns.atomic import ensure_folder
+
+    ensure_folder(out, "--output")  # created now: a path through a file or a refused mkdir is named before any work
 
 
 def _fresh_output(out: Path) -> Path:

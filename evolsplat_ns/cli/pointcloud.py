@@ -83,6 +83,9 @@ def run(args: PointCloudArgs) -> List[dict]:
     if args.scene is not None and args.scene not in scenes:
         raise DataValidationError(args.data, "--scene", f"a scene id in {sorted(scenes)}", args.scene)
     cache = PointCloudCache(args.cache_dir, data_root=args.data, enabled=args.cache)
+    cache.check_folder("--cache-dir")  # before any cloud is built
+    if args.out is not None:
+        check_out_file(Path(args.out))
     ids = [args.scene] if args.scene is not None else sorted(scenes)
     items = []
     for sid in ids:
@@ -123,6 +126,15 @@ def run(args: PointCloudArgs) -> List[dict]:
         print(f"{len(summary)} segments, {total} points in {time.perf_counter() - t0:.1f} s "
               f"({sum(s['from_cache'] for s in summary)} from the cache)")
     return summary
+
+
+def check_out_file(out: Path) -> None:
+    """``--out`` must be a file this command can write: not a folder, in a folder that can be made."""
+    from evolsplat_ns.atomic import ensure_folder
+
+    if out.is_dir():
+        raise DataValidationError(out, "--out", "a PLY file to write", "a folder")
+    ensure_folder(out.parent, "--out")
 
 
 def main(args: PointCloudArgs) -> List[dict]:

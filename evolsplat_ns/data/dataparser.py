@@ -11,7 +11,6 @@ to the first front-camera image; nothing is rescaled (poses stay metric).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from evolsplat_ns.cameras import intrinsics_matrix, opengl_to_opencv, rigid_inverse
 from evolsplat_ns.data.depth_check import NON_FINITE_DEPTH_KEY
 from evolsplat_ns.data.plausibility import check_intrinsics
-from evolsplat_ns.errors import DataValidationError
+from evolsplat_ns.errors import DataValidationError, error_text
 from evolsplat_ns.data.records import SKY_0_IS_SKY, SKY_255_IS_SKY, ImageRecord, SceneRecord
 
 logger = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ def find_scene_dirs(root: Path) -> List[Path]:
         raise DataValidationError(root, None, "a folder, not a file")
     if (root / TRANSFORMS).exists():
         return [root]
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subdirs = sorted(p for p in list_folder(root) if p.is_dir() and not p.name.startswith("."))
     scenes = [p for p in subdirs if (p / TRANSFORMS).exists()]
     if not scenes:
         if subdirs:
@@ -55,6 +54,34 @@ def find_scene_dirs(root: Path) -> List[Path]:
     if missing:
         logger.warning("Ignoring %d folders of %s without %s: %s", len(missing), root, TRANSFORMS, ", ".join(missing))
     return scenes
+
+
+def list_folder(folder: Path, field: Optional[str] = None) -> List[Path]:
+    """The entries of a user's folder; a folder that cannot be listed (permissions, I/O) is a
+    :class:`DataValidationError` naming it."""
+    try:
+        return list(Path(folder).iterdir())
+    except OSError as e:
+        raise DataValidationError(folder, field, "a readable folder", error_text(e)) from None
+
+
+#: The last chunk of every complete PNG file (length 0, type IEND, its CRC).
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _check_png_complete(path: Path, where: str) -> None:
+    """A PNG ends with its IEND chunk: a file cut anywhere in its pixel data does not (its last 64 bytes read, no
+    decoding)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - 64))
+            tail = f.read()
+    except OSError as e:
+        raise DataValidationError(path, where, "a readable PNG file", error_text(e)) from None
+    if _PNG_END not in tail:
+        raise DataValidationError(path, where, "a complete PNG file (ending with its IEND chunk)",
+                                  f"a truncated file ({size} bytes)")
 
 
 def _number(path: Path, where: str, value: Any) -> float:
@@ -82,24 +109,36 @@ def _pose(path: Path, where: str, value: Any) -> np.ndarray:
     return T
 
 
-def _image_size(path: Path, where: str) -> Tuple[int, int]:
+def _image_size(path: Path, where: str, complete: bool = False) -> Tuple[int, int]:
+    """(w, h) from the image header (nothing decoded); with ``complete`` a PNG must also end with its IEND chunk."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.exists():
         raise DataValidationError(path, where, "an existing image file", "missing file")
+    if path.is_dir():
+        raise DataValidationError(path, where, "an image file", "a folder")
     try:
         with Image.open(path) as im:  # reads the header only
-            return im.size  # (w, h)
-    except (UnidentifiedImageError, OSError) as e:
+            size, fmt = im.size, im.format  # (w, h)
+    except UnidentifiedImageError as e:
         raise DataValidationError(path, where, "a readable image", type(e).__name__) from None
+    except OSError as e:
+        raise DataValidationError(path, where, "a readable image", error_text(e)) from None
+    if complete and fmt == "PNG":
+        _check_png_complete(path, where)
+    return size
 
 
 def _depth_shape(path: Path, where: str) -> Tuple[int, int]:
     if not path.exists():
         raise DataValidationError(path, where, "an existing depth file (.npy metres or 16-bit .png millimetres)", "missing")
+    if path.is_dir():
+        raise DataValidationError(path, where, "a depth file (.npy metres or 16-bit .png millimetres)", "a folder")
     if path.suffix == ".npy":
         try:
             arr = np.load(path, mmap_mode="r")
+        except OSError as e:
+            raise DataValidationError(path, where, "a readable .npy array", error_text(e)) from None
         except Exception as e:  # noqa: BLE001 - any failure to parse is a bad file
             raise DataValidationError(path, where, "a readable .npy array", type(e).__name__) from None
         shape = arr.shape
@@ -108,7 +147,7 @@ def _depth_shape(path: Path, where: str) -> Tuple[int, int]:
         if len(shape) != 2:
             raise DataValidationError(path, where, "a depth map of shape [H, W]", f"shape {arr.shape}")
         return (shape[1], shape[0])
-    return _image_size(path, where)
+    return _image_size(path, where, complete=True)
 
 
 def _check_depth_file(path: Path, where: str, non_finite: str) -> None:
@@ -131,13 +170,12 @@ def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True, check_
     ``check_depth_values`` too, every depth map is also read once and its values checked (all zero, NaN / inf:
     :mod:`evolsplat_ns.data.depth_check`; ``non_finite_depth`` is the NaN / inf policy, kept in the record).
     """
+    from evolsplat_ns.data.layouts.common import read_json
+
     tf_path = scene_dir / TRANSFORMS
     if not tf_path.exists():
         raise DataValidationError(tf_path, None, "a transforms.json file", "missing file")
-    try:
-        meta = json.loads(tf_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataValidationError(tf_path, None, "valid JSON", f"{e.msg} at line {e.lineno} column {e.colno}") from None
+    meta = read_json(tf_path, "the scene's transforms.json")
     if not isinstance(meta, dict):
         raise DataValidationError(tf_path, None, "a JSON object at the top level", type(meta).__name__)
     frames = meta.get("frames")
@@ -148,7 +186,7 @@ def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True, check_
     if convention not in (SKY_255_IS_SKY, SKY_0_IS_SKY):
         raise DataValidationError(tf_path, "sky_mask_convention", f"'{SKY_255_IS_SKY}' or '{SKY_0_IS_SKY}'", convention)
 
-    n_cams_declared = len({f.get("camera", 0) for f in frames if isinstance(f, dict)})
+    n_cams_declared = len({repr(f.get("camera", 0)) for f in frames if isinstance(f, dict)})
     parsed = []
     for i, fr in enumerate(frames):
         where = f"frames[{i}]"
@@ -156,6 +194,10 @@ def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True, check_
             raise DataValidationError(tf_path, where, "an object", type(fr).__name__)
         if "file_path" not in fr:
             raise DataValidationError(tf_path, f"{where}.file_path", "an image path relative to the scene folder")
+        for k in ("file_path", "depth_file_path", "sky_mask_path"):  # optional ones may be absent, null or ""
+            if (k == "file_path" or fr.get(k)) and not (isinstance(fr.get(k), str) and fr.get(k)):
+                raise DataValidationError(tf_path, f"{where}.{k}", "a file path (a string) relative to the scene "
+                                          "folder", repr(fr.get(k))[:60])
         if "transform_matrix" not in fr:
             raise DataValidationError(tf_path, f"{where}.transform_matrix", "a 4x4 OpenGL camera-to-world matrix")
         intr = {}
@@ -224,7 +266,7 @@ def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True, check_
                 if check_depth_values:
                     _check_depth_file(depth_path, f"{where}.depth_file_path", non_finite_depth)
             if check_files and sky_path is not None:
-                ssize = _image_size(sky_path, f"{where}.sky_mask_path")
+                ssize = _image_size(sky_path, f"{where}.sky_mask_path", complete=True)
                 if ssize != (w, h):
                     raise DataValidationError(sky_path, f"{where}.sky_mask_path", f"a mask of {w}x{h} like its image", f"{ssize[0]}x{ssize[1]}")
             c2w = align @ opengl_to_opencv(c2w_gl)
@@ -243,9 +285,16 @@ def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True, check_
                 )
             )
     ply = meta.get("ply_file_path")
+    if ply and not isinstance(ply, str):
+        raise DataValidationError(tf_path, "ply_file_path", "a PLY path (a string) relative to the scene folder",
+                                  repr(ply)[:60])
     ply_path = scene_dir / ply if ply else None
     if check_files and ply_path is not None and not ply_path.exists():
         raise DataValidationError(tf_path, "ply_file_path", "an existing PLY file", f"missing {ply_path}")
+    if check_files and ply_path is not None:
+        from evolsplat_ns.pointcloud.plyio import check_ply
+
+        check_ply(ply_path, "ply_file_path")  # header against the file size: a cut or lying PLY is named now
     names = meta.get("camera_names")
     return SceneRecord(
         scene_id=scene_id,

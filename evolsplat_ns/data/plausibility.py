@@ -1,4 +1,5 @@
-"""Plausibility of input values, not only their presence: intrinsics, image bit depth, depth units.
+"""Plausibility of input values, not only their presence: intrinsics, image bit depth, depth units, image size,
+timestamps against the poses.
 
 Each check is cheap and runs before long work (the dataparser's start-up pass) or when a file is decoded; a value
 that cannot be right is a one-line :class:`DataValidationError` naming the file, the field, the value and what was
@@ -7,13 +8,16 @@ expected, with what the value suggests (e.g. "a focal length in normalised units
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from evolsplat_ns.errors import DataValidationError
+
+logger = logging.getLogger(__name__)
 
 FOV_RANGE_DEG = (2.0, 160.0)
 """Field of view a pinhole camera of a driving rig can have (per axis)."""
@@ -97,3 +101,159 @@ def check_depth_unit(depth_m: np.ndarray, path: Optional[Path], source: str) -> 
             "looks like kilometres (or a normalised depth); .npy depth holds metres"
     raise DataValidationError(path, "depth_file_path", f"metric depth with a median positive value within "
                               f"{lo:g}-{hi:g} m", f"median {med:.4g} m as read ({hint})")
+
+
+# ------------------------------------------------------------------------------------------------ image size
+
+SSIM_WINDOW = 11
+"""The usual SSIM window, px (pytorch_msssim's and torchmetrics' default; published SSIM numbers use it)."""
+MIN_IMAGE_SIDE = 3
+"""Smallest image side, px, the loss and the metrics can use. The model shrinks the SSIM window to fit a small image
+(:func:`ssim_window`, as ``evolsplat_ns.model.evolsplat._ssim_window``) but not below 3 px: under it pytorch_msssim
+skips its Gaussian filter (a warning at every step) or fails."""
+
+
+def ssim_window(h: int, w: int) -> int:
+    """The SSIM window the model uses for an ``h`` x ``w`` image: :data:`SSIM_WINDOW` unless the image is smaller,
+    then the largest odd size that fits, at least 3."""
+    win = SSIM_WINDOW
+    while win > 3 and (win > h or win > w):
+        win -= 2
+    return win
+
+
+def check_image_size(path: Optional[Path], field: str, w: int, h: int, downscale: float = 1.0,
+                     native: Optional[tuple] = None) -> None:
+    """An image of ``w`` x ``h`` px (after the configured ``downscale`` of its ``native`` size) must have at least
+    :data:`MIN_IMAGE_SIDE` px on each side."""
+    if min(w, h) >= MIN_IMAGE_SIDE:
+        return
+    how = ""
+    if downscale != 1.0:
+        how = f" after downscale {downscale:g}" + (f" of {native[0]}x{native[1]}" if native else "") + \
+            " (a smaller downscale factor?)"
+    raise DataValidationError(path, field, f"an image of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} px (the smallest "
+                              f"SSIM window; the usual SSIM needs {SSIM_WINDOW}x{SSIM_WINDOW})", f"{w}x{h} px{how}")
+
+
+# ------------------------------------------------------------------------------------------------ timestamps
+
+MAX_VEHICLE_SPEED_MPS = 70.0
+"""Fastest plausible speed of a recording vehicle, m/s (252 km/h): above it, between two consecutive frames of one
+camera, the timestamps or the poses are in another unit, or the frames are out of order."""
+FRAME_INTERVAL_RANGE_S = (1e-3, 10.0)
+"""Plausible median time between consecutive frames of one camera, seconds (1000 Hz .. one frame per 10 s)."""
+
+
+def check_timestamps(path: Optional[Path], field_of: Callable[[int], str], times: Sequence[Optional[float]],
+                     num_poses: int, what: str = "") -> None:
+    """Timestamps (seconds) of one camera, in the frame order the data uses: one per pose, finite, strictly
+    increasing. ``field_of(i)`` names frame ``i``'s entry in ``path`` (e.g. ``[3]``, ``line 4``); ``what`` says
+    which camera. Errors name the file, the entry, the value and the frame."""
+    have = [t for t in times if t is not None]
+    if len(have) != num_poses or len(times) != num_poses:
+        missing = [i for i, t in enumerate(times) if t is None]
+        got = f"{len(have)}" + (f" (none for frames {missing[:5]}{' ...' if len(missing) > 5 else ''})" if missing
+                                else "")
+        raise DataValidationError(path, "timestamps", f"one timestamp per pose ({num_poses}{what})", got)
+    prev: Optional[float] = None
+    for i, t in enumerate(have):
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(float(t)):
+            raise DataValidationError(path, field_of(i), f"a finite time in seconds (frame {i}{what})", repr(t))
+        if prev is not None and not float(t) > prev:
+            raise DataValidationError(path, field_of(i), f"timestamps strictly increasing in frame order (frame {i}"
+                                      f"{what}: after frame {i - 1} at {prev!r} s)", f"{float(t)!r} s")
+        prev = float(t)
+
+
+def implausible_motion(times: Sequence[float], centers: np.ndarray) -> List[Tuple[int, float, float, float]]:
+    """``(frame, speed m/s, distance m, interval s)`` of every frame whose move from the previous frame, over the
+    time between their (strictly increasing) timestamps, is faster than :data:`MAX_VEHICLE_SPEED_MPS`."""
+    t = np.asarray(times, dtype=np.float64)
+    c = np.asarray(centers, dtype=np.float64).reshape(len(t), 3)
+    dist = np.linalg.norm(np.diff(c, axis=0), axis=1)
+    dt = np.diff(t)
+    speed = dist / dt
+    fast = np.flatnonzero(speed > MAX_VEHICLE_SPEED_MPS)
+    return [(int(i) + 1, float(speed[i]), float(dist[i]), float(dt[i])) for i in fast]
+
+
+def interval_hint(median_dt: float) -> Optional[str]:
+    """What a median frame interval outside :data:`FRAME_INTERVAL_RANGE_S` suggests, or None when it is within."""
+    lo, hi = FRAME_INTERVAL_RANGE_S
+    if lo <= median_dt <= hi:
+        return None
+    if median_dt > hi:
+        return "timestamps in milliseconds?" if median_dt <= 1e4 else \
+            "timestamps in microseconds?" if median_dt <= 1e7 else "timestamps in nanoseconds?"
+    return "timestamps in a unit larger than seconds, or frames repeated?"
+
+
+_TIMESTAMP_FILES: Dict[str, Tuple[Callable[[Path], Path], Callable[[int], str]]] = {
+    # layout: (the timestamps file of an image's camera, the entry of frame i in it), as the readers read them
+    "pandaset": (lambda image: image.parent / "timestamps.json", lambda i: f"[{i}]"),
+    "kitti-raw": (lambda image: image.parent.parent / "timestamps.txt", lambda i: f"line {i + 1}"),
+}
+
+
+def check_scene(scene, downscale: float = 1.0) -> None:
+    """Start-up plausibility of a parsed (and down-scaled) scene, any layout: every image at least
+    :data:`MIN_IMAGE_SIDE` px on each side (error) and, below :data:`SSIM_WINDOW`, a warning that SSIM uses a smaller
+    window; where the layout gives timestamps, per camera: one per pose, finite and strictly increasing
+    (:func:`check_timestamps`, error), and a warning for a median frame interval outside
+    :data:`FRAME_INTERVAL_RANGE_S` or a move faster than :data:`MAX_VEHICLE_SPEED_MPS` between consecutive frames."""
+    seen = set()
+    smallest = None
+    for r in scene.images:
+        key = (r.camera_id, r.width, r.height)
+        if key in seen:
+            continue
+        seen.add(key)
+        check_image_size(r.image_path, "image size", r.width, r.height, downscale, r.native_size)
+        if smallest is None or min(r.width, r.height) < min(smallest.width, smallest.height):
+            smallest = r
+    if smallest is not None and min(smallest.width, smallest.height) < SSIM_WINDOW:
+        win = ssim_window(smallest.height, smallest.width)
+        logger.warning("scene %s: images of %dx%d px (%s%s) are smaller than the usual %d px SSIM window: the loss and "
+                       "the SSIM metric use a %d px window, so SSIM values are not comparable with the usual SSIM",
+                       scene.name, smallest.width, smallest.height, smallest.image_path.name,
+                       f", downscale {downscale:g}" if downscale != 1.0 else "", SSIM_WINDOW, win)
+    _check_scene_timestamps(scene)
+
+
+def _check_scene_timestamps(scene) -> None:
+    stamps = scene.metadata.get("timestamps") if isinstance(scene.metadata, dict) else None
+    if not stamps or all(v is None for v in stamps.values()):
+        return
+    file_of, field_of = _TIMESTAMP_FILES.get(str(scene.metadata.get("layout")),
+                                              (lambda image: image, lambda i: f"timestamp of frame {i}"))
+    names = scene.metadata.get("camera_name_by_id") or {}
+    fast, slow = [], []
+    for cam in scene.camera_ids:
+        recs = [scene.image(t, cam) for t in range(scene.num_frames)]
+        times = [stamps.get((t, cam)) for t in range(scene.num_frames)]
+        if all(t is None for t in times):
+            continue
+        path = file_of(recs[0].image_path)
+        what = f", camera {names.get(cam, cam)}"
+        check_timestamps(path, field_of, times, len(recs), what)
+        if len(times) < 2:
+            continue
+        median_dt = float(np.median(np.diff(np.asarray(times, dtype=np.float64))))
+        hint = interval_hint(median_dt)
+        if hint is not None:
+            slow.append((path, median_dt, hint, names.get(cam, cam)))
+        for frame, speed, dist, dt in implausible_motion(times, np.stack([r.c2w[:3, 3] for r in recs])):
+            fast.append((speed, frame, dist, dt, path, recs[frame], names.get(cam, cam)))
+    for path, median_dt, hint, name in slow[:1]:
+        lo, hi = FRAME_INTERVAL_RANGE_S
+        logger.warning("%s: median time between frames of camera %s is %.4g s; expected %g-%g s for a camera's frames "
+                       "(%s)", path, name, median_dt, lo, hi, hint)
+    if fast:
+        speed, frame, dist, dt, path, rec, name = max(fast, key=lambda x: x[0])
+        logger.warning("%s: frame %d (camera %s, %s): implied speed %.4g m/s (%.4g km/h), a move of %.3g m in %.3g s "
+                       "after frame %d; expected at most %g m/s (%g km/h) for a vehicle: poses in another unit "
+                       "(millimetres or centimetres, not metres?), timestamps of other frames, or frames out of order? "
+                       "(%d frame pair(s) of %d camera(s) this fast)", path, frame, name, rec.image_path.name, speed,
+                       speed * 3.6, dist, dt, frame - 1, MAX_VEHICLE_SPEED_MPS, MAX_VEHICLE_SPEED_MPS * 3.6, len(fast),
+                       len({f[6] for f in fast}))

@@ -19,7 +19,7 @@ import torch
 from evolsplat_ns.cameras import k_to_4x4
 from evolsplat_ns.data.batch import Views
 from evolsplat_ns.data.depth_check import depth_policy
-from evolsplat_ns.errors import DataValidationError
+from evolsplat_ns.errors import DataValidationError, error_text
 from evolsplat_ns.data.records import SceneRecord
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def read_image(path: Path) -> np.ndarray:
     except (OSError, ValueError, SyntaxError) as e:  # e.g. truncated pixel data behind a valid header
         if isinstance(e, DataValidationError):
             raise
-        raise DataValidationError(path, "file_path", "a readable image", f"{type(e).__name__}: {e}") from None
+        raise DataValidationError(path, "file_path", "a readable image", error_text(e)) from None
 
 
 def read_depth(path: Path, non_finite: str = "error", check_values: bool = True) -> np.ndarray:
@@ -48,18 +48,24 @@ def read_depth(path: Path, non_finite: str = "error", check_values: bool = True)
     """
     from evolsplat_ns.data import plausibility
 
-    if path.suffix == ".npy":
-        raw = np.load(path)
-        plausibility.check_depth_npy_dtype(raw, path)
-        d = raw.astype(np.float32)
-        if d.ndim == 3 and d.shape[-1] == 1:
-            d = d[..., 0]
-    else:
-        from PIL import Image
+    try:
+        if path.suffix == ".npy":
+            raw = np.load(path)
+            plausibility.check_depth_npy_dtype(raw, path)
+            d = raw.astype(np.float32)
+            if d.ndim == 3 and d.shape[-1] == 1:
+                d = d[..., 0]
+        else:
+            from PIL import Image
 
-        with Image.open(path) as im:
-            plausibility.check_depth_png_mode(im, path)
-            d = np.asarray(im, dtype=np.float32) / 1000.0
+            with Image.open(path) as im:
+                plausibility.check_depth_png_mode(im, path)
+                d = np.asarray(im, dtype=np.float32) / 1000.0
+    except DataValidationError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreadable, cut or corrupt (OSError, ValueError, EOFError, struct.error)
+        raise DataValidationError(path, "depth_file_path", "a readable .npy array (metres)" if path.suffix == ".npy"
+                                  else "a readable 16-bit PNG (millimetres)", error_text(e)) from None
     if d.ndim != 2:
         raise DataValidationError(path, "depth", "a depth map of shape [H, W]", f"shape {d.shape}")
     if check_values:

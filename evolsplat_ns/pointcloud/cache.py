@@ -186,6 +186,17 @@ class PointCloudCache:
         self.hits = 0
         self.misses = 0
 
+    def check_folder(self, option: str) -> Optional[Path]:
+        """At set-up, before any cloud is built: create the cache root (``cache_dir``, else ``<data_root>/``
+        ``.evolsplat_cache``) and check that it can be written; a folder that cannot be (a file, a path through a
+        file, permissions) is a ``DataValidationError`` naming it and ``option``, the option that moves it. Later
+        write failures (a full disk) only warn (:meth:`get`)."""
+        from evolsplat_ns.atomic import ensure_folder
+
+        base = self.cache_dir if self.cache_dir is not None else (
+            self.data_root / DEFAULT_CACHE_DIRNAME if self.data_root is not None else None)
+        return ensure_folder(base, option) if self.enabled and base is not None else None
+
     def root_for(self, scene: SceneRecord) -> Path:
         if self.cache_dir is not None:
             base = self.cache_dir

@@ -71,8 +71,13 @@ def read_mask(path: Path) -> np.ndarray:
     """[H, W] uint8 (single channel; colour masks are converted to luminance)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L"), dtype=np.uint8).copy()
+    from evolsplat_ns.errors import DataValidationError, error_text
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L"), dtype=np.uint8).copy()
+    except Exception as e:  # noqa: BLE001 - unreadable, cut or corrupt (OSError, ValueError, SyntaxError, ...)
+        raise DataValidationError(path, "sky_mask_path", "a readable image (a sky mask)", error_text(e)) from None
 
 
 def sky_from_mask(mask: np.ndarray, convention: str) -> np.ndarray:

@@ -627,7 +627,8 @@ class SeedPlySource(RGBPointCloudGenerator):
             )
         from evolsplat_ns.pointcloud.plyio import read_ply
 
-        pts, cols = read_ply(scene.seed_ply_path, points_dtype=np.float64)  # world frame: exact until aligned
+        # world frame: exact until aligned; a bad file is named (never read as fewer points or zeros)
+        pts, cols = read_ply(scene.seed_ply_path, points_dtype=np.float64, field="seed PLY")
         A = np.asarray(scene.align, dtype=np.float64)
         pts = (pts.astype(np.float64) @ A[:3, :3].T + A[:3, 3]).astype(np.float32)
         opts = self.options

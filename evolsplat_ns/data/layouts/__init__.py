@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from evolsplat_ns.errors import DataValidationError
+from evolsplat_ns.data import plausibility
 from evolsplat_ns.data.layouts import drivestudio, kitti_raw, pandaset, reference
 from evolsplat_ns.data.layouts.common import (
     HOLDOUT_MODES,
@@ -99,7 +100,9 @@ def find_layout_scenes(root: Path, layout: str = "auto") -> List[Tuple[Path, str
     k = kind(root)
     if k is not None:
         return [(root, k)]
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    from evolsplat_ns.data.dataparser import list_folder
+
+    subdirs = sorted(p for p in list_folder(root) if p.is_dir() and not p.name.startswith("."))
     scenes = [(p, kind(p)) for p in subdirs]
     found = [(p, k) for p, k in scenes if k is not None]
     if not found:
@@ -150,6 +153,7 @@ def load_layout_scenes(
         else:
             scene = PARSERS[kind](d, i, opts)
         out.append(downscale_scene(scene, float(opts.downscale)))
+        plausibility.check_scene(out[-1], float(opts.downscale))  # image size, timestamps vs poses (issue 18)
     return out
 
 

@@ -8,17 +8,18 @@ of the multi-scene layout (:func:`restrict_cameras`) are applied to finished rec
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 
 from evolsplat_ns.cameras import rigid_inverse, scale_intrinsics
-from evolsplat_ns.errors import DataValidationError
+from evolsplat_ns.errors import DataValidationError, error_text
 from evolsplat_ns.data.records import SKY_255_IS_SKY, ImageRecord, SceneRecord
 
 logger = logging.getLogger(__name__)
@@ -172,11 +173,46 @@ def build_scene(
                        sky_mask_convention=sky_mask_convention, front_camera_id=front, metadata=meta)
 
 
-def image_size(path: Path, where: str) -> Tuple[int, int]:
-    """(w, h) from the image header; a missing or unreadable file is a :class:`DataValidationError`."""
+def image_size(path: Path, where: str, complete: bool = False) -> Tuple[int, int]:
+    """(w, h) from the image header; a missing or unreadable file is a :class:`DataValidationError`; with
+    ``complete`` a PNG must also end with its IEND chunk (a truncated sky mask or depth map is named at start-up)."""
     from evolsplat_ns.data.dataparser import _image_size
 
-    return _image_size(path, where)
+    return _image_size(path, where, complete=complete)
+
+
+def read_text(path: Path, what: str, field: Optional[str] = None) -> str:
+    """The text of a user's file (UTF-8). Every way it cannot be read — missing, a folder, not UTF-8, not readable
+    (permissions, I/O) — is a :class:`DataValidationError` naming the file, ``field`` and ``what`` was expected."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataValidationError(path, field, f"{what} (UTF-8 text)",
+                                  f"undecodable bytes (0x{e.object[e.start]:02x} at byte {e.start})") from None
+    except OSError as e:
+        kind = "a file" if isinstance(e, IsADirectoryError) else "a readable file"
+        raise DataValidationError(path, field, f"{what} ({kind})", error_text(e)) from None
+
+
+def read_json(path: Path, what: str, field: Optional[str] = None) -> Any:
+    """A user's JSON file, parsed (:func:`read_text`, then ``valid JSON (what)``: the parser's message and line);
+    the caller checks the types of what it holds."""
+    text = read_text(path, what, field)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataValidationError(path, field, f"valid JSON ({what})",
+                                  f"{e.msg} at line {e.lineno} column {e.colno}") from None
+
+
+def read_numbers(path: Path, what: str, field: Optional[str] = None) -> np.ndarray:
+    """A whitespace-separated table of numbers (``np.savetxt``) -> float64 array; words, rows of different lengths
+    or an unreadable file are a :class:`DataValidationError` naming the file and ``field``."""
+    text = read_text(path, what, field)
+    try:
+        return np.loadtxt(text.splitlines(), dtype=np.float64)
+    except ValueError as e:
+        raise DataValidationError(path, field, f"{what}: rows of numbers", str(e).split(";")[0][:80]) from None
 
 
 def check_camera_sizes(raws: Sequence[RawImage], check_files: bool) -> None:
@@ -201,7 +237,7 @@ def check_camera_sizes(raws: Sequence[RawImage], check_files: bool) -> None:
             raise DataValidationError(r.image_path, "image size", f"{r.width}x{r.height} (from the calibration / "
                                       f"the camera's first image)", f"{size[0]}x{size[1]}")
         if r.sky_mask_path is not None:
-            ssize = image_size(r.sky_mask_path, "sky mask")
+            ssize = image_size(r.sky_mask_path, "sky mask", complete=True)
             if ssize != size:
                 raise DataValidationError(r.sky_mask_path, "sky mask", f"a mask of {size[0]}x{size[1]} like its image",
                                           f"{ssize[0]}x{ssize[1]}")
@@ -218,10 +254,7 @@ def read_matrix_txt(path: Path, where: str, shape=(4, 4), rigid: bool = True) ->
     """A whitespace-separated matrix file (``np.savetxt``), validated (finite; rigid with last row 0 0 0 1)."""
     if not path.exists():
         raise DataValidationError(path, where, f"an existing {shape[0]}x{shape[1]} matrix file", "missing file")
-    try:
-        M = np.loadtxt(path, dtype=np.float64)
-    except ValueError as e:
-        raise DataValidationError(path, where, f"a {shape[0]}x{shape[1]} matrix of numbers", str(e)[:80]) from None
+    M = read_numbers(path, f"a {shape[0]}x{shape[1]} matrix of numbers", where)
     if M.size != int(np.prod(shape)):
         raise DataValidationError(path, where, f"a {shape[0]}x{shape[1]} matrix ({int(np.prod(shape))} numbers)",
                                   f"{M.size} numbers")

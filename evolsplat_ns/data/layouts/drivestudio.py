@@ -43,6 +43,7 @@ from evolsplat_ns.data.layouts.common import (
     check_camera_sizes,
     image_size,
     read_matrix_txt,
+    read_numbers,
     select_camera_ids,
 )
 from evolsplat_ns.data.layouts.lidar import LidarSource, Sweep, attach, check_rows, default_cache_dir, read_float32_rows
@@ -74,8 +75,10 @@ def _style(d: Path, cams: List[int]) -> str:
 
 def parse(scene_dir: Path, scene_id: int, options: LayoutOptions) -> SceneRecord:
     d = Path(scene_dir)
+    from evolsplat_ns.data.dataparser import list_folder
+
     found: Dict[tuple, Path] = {}
-    for p in sorted((d / "images").iterdir()):
+    for p in sorted(list_folder(d / "images", "images")):
         m = _IMAGE.match(p.name)
         if m:
             found[(int(m.group(1)), int(m.group(2)))] = p
@@ -97,7 +100,7 @@ def parse(scene_dir: Path, scene_id: int, options: LayoutOptions) -> SceneRecord
         ipath = d / "intrinsics" / f"{c}.txt"
         if not ipath.exists():
             raise DataValidationError(ipath, "intrinsics", "fx fy cx cy k1 k2 p1 p2 k3 of the camera", "missing file")
-        vals = np.loadtxt(ipath, dtype=np.float64).reshape(-1)
+        vals = read_numbers(ipath, "fx fy cx cy k1 k2 p1 p2 k3 of the camera", "intrinsics").reshape(-1)
         if vals.size < 4 or not np.all(np.isfinite(vals[:4])) or vals[0] <= 0 or vals[1] <= 0:
             raise DataValidationError(ipath, "intrinsics", "9 numbers fx fy cx cy k1 k2 p1 p2 k3 (fx, fy > 0)",
                                       vals.tolist()[:9])

@@ -29,13 +29,20 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from evolsplat_ns.cameras import kitti_rectified_camera, oxts_mercator_scale, oxts_to_pose, rigid_inverse, rigid_matrix
 from evolsplat_ns.errors import DataValidationError
-from evolsplat_ns.data.layouts.common import LayoutOptions, RawImage, build_scene, check_camera_sizes, select_camera_ids
+from evolsplat_ns.data.layouts.common import (
+    LayoutOptions,
+    RawImage,
+    build_scene,
+    check_camera_sizes,
+    read_text,
+    select_camera_ids,
+)
 from evolsplat_ns.data.layouts.lidar import LidarSource, Sweep, attach, check_rows, default_cache_dir, read_float32_rows
 from evolsplat_ns.data.records import SceneRecord
 
@@ -56,7 +63,7 @@ def read_calib(path: Path) -> Dict[str, object]:
         raise DataValidationError(path, None, "the KITTI calibration file (in the drive folder or its date folder)",
                                   "missing file")
     out: Dict[str, object] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text(path, "the KITTI calibration file").splitlines():
         if ":" not in line:
             continue
         key, val = line.split(":", 1)
@@ -94,15 +101,18 @@ def nearest_rotation(R: np.ndarray) -> np.ndarray:
     return out
 
 
-def read_timestamps(path: Path, n: int) -> Optional[List[float]]:
-    """``timestamps.txt`` (one ``YYYY-MM-DD HH:MM:SS.fffffffff`` per frame) -> seconds; ``None`` if absent."""
+def read_timestamps(path: Path, frames: Sequence[int]) -> Optional[List[float]]:
+    """``timestamps.txt`` (line k: frame k's ``YYYY-MM-DD HH:MM:SS.fffffffff``, for every frame of the drive) ->
+    seconds of each of ``frames`` (frame numbers, the files' stems: a crop of a drive keeps its numbers, so line k,
+    not the k-th file, is frame k's time); ``None`` if absent."""
     if not path.exists():
         return None
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if len(lines) < n:
-        raise DataValidationError(path, None, f"{n} timestamps (one per frame)", len(lines))
+    lines = [ln.strip() for ln in read_text(path, "timestamps, one per frame").splitlines() if ln.strip()]
+    if frames and max(frames) >= len(lines):
+        raise DataValidationError(path, None, f"a timestamp for every frame up to frame {max(frames)} "
+                                  "(line k: frame k)", f"{len(lines)} lines")
     out = []
-    for i, ln in enumerate(lines[:n]):
+    for i, ln in ((k, lines[k]) for k in frames):
         try:
             day, clock = ln.split()
             hh, mm, ss = clock.split(":")
@@ -116,8 +126,9 @@ def read_timestamps(path: Path, n: int) -> Optional[List[float]]:
 def read_oxts(path: Path) -> np.ndarray:
     if not path.exists():
         raise DataValidationError(path, None, f"an OXTS packet ({OXTS_FIELDS} numbers)", "missing file")
+    text = read_text(path, f"an OXTS packet ({OXTS_FIELDS} numbers)")
     try:
-        v = np.array([float(x) for x in path.read_text(encoding="utf-8").split()], dtype=np.float64)
+        v = np.array([float(x) for x in text.split()], dtype=np.float64)
     except ValueError as e:
         raise DataValidationError(path, None, f"{OXTS_FIELDS} numbers", str(e)[:60]) from None
     if v.size != OXTS_FIELDS or not np.all(np.isfinite(v[:6])):
@@ -163,7 +174,7 @@ def parse(scene_dir: Path, scene_id: int, options: LayoutOptions) -> SceneRecord
         w, h = int(round(S[0])), int(round(S[1]))
         T_cam_velo = T_rect0_to_i @ R_rect @ T_cam0_velo  # Velodyne -> rectified camera c
         velo_from_cam = rigid_inverse(T_cam_velo)
-        times = read_timestamps(d / CAMERAS[c] / "timestamps.txt", len(stems))
+        times = read_timestamps(d / CAMERAS[c] / "timestamps.txt", [int(s) for s in stems])
         for t, s in enumerate(stems):
             img = d / CAMERAS[c] / "data" / f"{s}.png"
             raws.append(RawImage(timestep=int(s), camera_id=c, image_path=img,
@@ -174,7 +185,7 @@ def parse(scene_dir: Path, scene_id: int, options: LayoutOptions) -> SceneRecord
                         metadata={"calib_time": c2c.get("calib_time")})
     vdir = d / "velodyne_points" / "data"
     if vdir.is_dir():
-        vtimes = read_timestamps(d / "velodyne_points" / "timestamps.txt", len(stems))
+        vtimes = read_timestamps(d / "velodyne_points" / "timestamps.txt", [int(s) for s in stems])
         sweeps = []
         for t, s in enumerate(stems):
             p = vdir / f"{s}.bin"

@@ -12,8 +12,10 @@ points are already in world coordinates, as in PandaSet). It provides the two ho
 
 Depth maps are cached on disk (``cache_dir``), one ``.npz`` per image holding the non-zero pixels, keyed by a hash
 of everything they depend on (sweep file and its stamp, pose, intrinsics, size, sensor filter); each is written to
-a temporary file and renamed into place, so concurrent readers never see half a file. Without a writable cache
-directory they are computed in memory each time.
+a temporary file and renamed into place, so concurrent readers never see half a file. The cache folder is made and
+checked when the scene is parsed (:func:`attach`): one that cannot be is an error naming it and
+``--pipeline.datamanager.dataparser.lidar-cache-dir``; a write that fails later (a full disk) only warns, and depth
+maps are then computed in memory each time.
 """
 
 from __future__ import annotations
@@ -214,6 +216,10 @@ def attach(scene, source: LidarSource, provide_depth: bool) -> None:
     from evolsplat_ns.data.layouts.common import LIDAR_KEY as LIDAR_LOADER_KEY  # == generators.LIDAR_LOADER_KEY
     from evolsplat_ns.data.records import DEPTH_PROVIDER_KEY
 
+    if provide_depth and source.cache_dir is not None:  # at start-up: a cache folder that cannot be made is named now
+        from evolsplat_ns.atomic import ensure_folder
+
+        ensure_folder(source.cache_dir, LIDAR_CACHE_OPTION)
     source.camera_timestamps = dict(scene.metadata.get("timestamps", {}))
     scene.lidar_paths = source.paths
     scene.metadata[LIDAR_LOADER_KEY] = source.points
@@ -221,6 +227,10 @@ def attach(scene, source: LidarSource, provide_depth: bool) -> None:
     scene.metadata["lidar_version"] = f"{DEPTH_CACHE_VERSION}:{source.cache_tag}"
     if provide_depth:
         scene.metadata[DEPTH_PROVIDER_KEY] = source.depth
+
+
+#: The option that moves the LiDAR depth cache (named when its folder cannot be made).
+LIDAR_CACHE_OPTION = "--pipeline.datamanager.dataparser.lidar-cache-dir"
 
 
 def default_cache_dir(options, scene_dir: Path) -> Path:
@@ -232,9 +242,13 @@ def default_cache_dir(options, scene_dir: Path) -> Path:
 
 def read_float32_rows(path: Path, columns: int) -> np.ndarray:
     """A ``.bin`` of float32 rows of ``columns`` values -> ``[M, columns]`` (validated: whole rows)."""
-    from evolsplat_ns.errors import DataValidationError
+    from evolsplat_ns.errors import DataValidationError, error_text
 
-    raw = np.fromfile(path, dtype=np.float32)
+    try:
+        raw = np.fromfile(path, dtype=np.float32)
+    except OSError as e:
+        raise DataValidationError(path, "lidar", f"a readable sweep of float32 rows of {columns} values",
+                                  error_text(e)) from None
     if raw.size % columns:
         raise DataValidationError(path, "lidar", f"float32 rows of {columns} values", f"{raw.size} values")
     return raw.reshape(-1, columns)
@@ -242,9 +256,14 @@ def read_float32_rows(path: Path, columns: int) -> np.ndarray:
 
 def check_rows(path: Path, columns: int) -> None:
     """Up-front check of a sweep file's size (whole float32 rows of ``columns``) without reading it."""
-    from evolsplat_ns.errors import DataValidationError
+    from evolsplat_ns.errors import DataValidationError, error_text
 
-    size = path.stat().st_size
+    if path.is_dir():
+        raise DataValidationError(path, "lidar", f"a sweep file of float32 rows of {columns} values", "a folder")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataValidationError(path, "lidar", "a readable sweep file", error_text(e)) from None
     if size % (4 * columns):
         raise DataValidationError(path, "lidar", f"float32 rows of {columns} values (file size a multiple of "
                                   f"{4 * columns} bytes)", f"{size} bytes")

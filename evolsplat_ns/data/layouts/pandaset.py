@@ -23,7 +23,6 @@ Reading the sweeps needs pandas (the files are pickled DataFrames).
 
 from __future__ import annotations
 
-import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -33,7 +32,14 @@ import numpy as np
 
 from evolsplat_ns.cameras import intrinsics_matrix, pandaset_pose_to_c2w
 from evolsplat_ns.errors import DataValidationError
-from evolsplat_ns.data.layouts.common import LayoutOptions, RawImage, build_scene, check_camera_sizes, select_camera_ids
+from evolsplat_ns.data.layouts.common import (
+    LayoutOptions,
+    RawImage,
+    build_scene,
+    check_camera_sizes,
+    read_json,
+    select_camera_ids,
+)
 from evolsplat_ns.data.layouts.lidar import LidarSource, Sweep, attach, default_cache_dir
 from evolsplat_ns.data.records import SceneRecord
 
@@ -47,15 +53,6 @@ IMAGE_SIZE = (1920, 1080)
 def is_scene(d: Path) -> bool:
     cam = d / "camera"
     return cam.is_dir() and any((cam / f"{n}_camera" / "poses.json").exists() for n in CAMERAS)
-
-
-def _json(path: Path, what: str) -> Any:
-    if not path.exists():
-        raise DataValidationError(path, None, what, "missing file")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataValidationError(path, None, f"valid JSON ({what})", f"{e.msg} at line {e.lineno}") from None
 
 
 def _pose(path: Path, i: int, pose: Any) -> np.ndarray:
@@ -90,7 +87,7 @@ def parse(scene_dir: Path, scene_id: int, options: LayoutOptions) -> SceneRecord
     num_frames: Optional[int] = None
     for c in cams:
         cdir = d / "camera" / f"{CAMERAS[c]}_camera"
-        intr = _json(cdir / "intrinsics.json", "camera intrinsics {fx, fy, cx, cy}")
+        intr = read_json(cdir / "intrinsics.json", "camera intrinsics {fx, fy, cx, cy}")
         try:
             fx, fy, cx, cy = (float(intr[k]) for k in ("fx", "fy", "cx", "cy"))
         except (KeyError, TypeError, ValueError):
@@ -98,7 +95,7 @@ def parse(scene_dir: Path, scene_id: int, options: LayoutOptions) -> SceneRecord
                                       repr(intr)[:80]) from None
         if not (fx > 0 and fy > 0):
             raise DataValidationError(cdir / "intrinsics.json", "fx/fy", "positive focal lengths", (fx, fy))
-        poses = _json(cdir / "poses.json", "a list of camera poses, one per frame")
+        poses = read_json(cdir / "poses.json", "a list of camera poses, one per frame")
         if not isinstance(poses, list) or not poses:
             raise DataValidationError(cdir / "poses.json", None, "a non-empty list of poses", type(poses).__name__)
         if num_frames is None:
@@ -106,7 +103,7 @@ def parse(scene_dir: Path, scene_id: int, options: LayoutOptions) -> SceneRecord
         elif len(poses) != num_frames:
             raise DataValidationError(cdir / "poses.json", None, f"{num_frames} poses (as the other cameras)",
                                       len(poses))
-        times = _numbers(cdir / "timestamps.json", _json(cdir / "timestamps.json", "camera timestamps"),
+        times = _numbers(cdir / "timestamps.json", read_json(cdir / "timestamps.json", "camera timestamps"),
                          num_frames, "timestamps")
         K = intrinsics_matrix(fx, fy, cx, cy)
         for t in range(num_frames):
@@ -159,7 +156,7 @@ def _lidar(d: Path, scene: SceneRecord, num_frames: int, options: LayoutOptions)
     times: List[Optional[float]] = [None] * num_frames
     tpath = d / "lidar" / "timestamps.json"
     if tpath.exists():
-        raw = _json(tpath, "LiDAR sweep timestamps")
+        raw = read_json(tpath, "LiDAR sweep timestamps")
         if isinstance(raw, list) and len(raw) >= num_frames:
             times = _numbers(tpath, raw[:num_frames], num_frames, "timestamps")  # type: ignore[assignment]
         else:

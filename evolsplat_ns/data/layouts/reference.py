@@ -33,7 +33,14 @@ from typing import Dict, List, Optional
 
 from evolsplat_ns.cameras import intrinsics_matrix, opengl_to_opencv, rigid_inverse
 from evolsplat_ns.errors import DataValidationError
-from evolsplat_ns.data.layouts.common import LayoutOptions, RawImage, build_scene, check_camera_sizes, select_camera_ids
+from evolsplat_ns.data.layouts.common import (
+    LayoutOptions,
+    RawImage,
+    build_scene,
+    check_camera_sizes,
+    read_json,
+    select_camera_ids,
+)
 from evolsplat_ns.data.records import SKY_255_IS_SKY, SKY_LABEL_10_IS_SKY, SceneRecord
 
 logger = logging.getLogger(__name__)
@@ -75,15 +82,16 @@ def parse(scene_dir: Path, scene_id: int, options: LayoutOptions) -> SceneRecord
 
     d = Path(scene_dir)
     tf = d / TRANSFORMS
-    meta = _meta(d)
-    if meta is None:
-        raise DataValidationError(tf, None, "a readable JSON object")
+    meta = read_json(tf, "the reference's transforms.json")
+    if not isinstance(meta, dict):
+        raise DataValidationError(tf, None, "a JSON object at the top level", type(meta).__name__)
     frames = meta.get("frames")
     if not isinstance(frames, list) or not frames:
         raise DataValidationError(tf, "frames", "a non-empty list of frames", repr(frames)[:60])
     for i, fr in enumerate(frames):
-        if not isinstance(fr, dict) or "file_path" not in fr or "transform_matrix" not in fr:
-            raise DataValidationError(tf, f"frames[{i}]", "an object with file_path and transform_matrix")
+        if not isinstance(fr, dict) or not isinstance(fr.get("file_path"), str) or "transform_matrix" not in fr:
+            raise DataValidationError(tf, f"frames[{i}]", "an object with file_path (a path relative to the scene "
+                                      "folder) and transform_matrix", repr(fr)[:60])
     order = sorted(range(len(frames)), key=lambda i: str(Path(frames[i]["file_path"])))  # the reference's order
     frames = [frames[i] for i in order]
     labels = _labels([fr["file_path"] for fr in frames])
@@ -131,6 +139,10 @@ def parse(scene_dir: Path, scene_id: int, options: LayoutOptions) -> SceneRecord
     for key in (f"ply_file_path_{options.seed_ply}", "ply_file_path"):
         if isinstance(meta.get(key), str) and (d / meta[key]).exists():
             ply = d / meta[key]
+            if options.check_files:
+                from evolsplat_ns.pointcloud.plyio import check_ply
+
+                check_ply(ply, key)  # header against the file size: a cut or lying PLY is named now
             break
     if ply is None and any(k.startswith("ply_file_path") for k in meta):
         logger.warning("scene %s: no seed PLY on disk for ply_file_path_%s or ply_file_path", d.name, options.seed_ply)

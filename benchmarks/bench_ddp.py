@@ -131,7 +131,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: 
                 "peak_gib_per_rank": peaks,
                 "heldout": {k: float(v) for k, v in metrics.items() if k != "views"},  # means; not the per-view rows
                 "eval_s": time.perf_counter() - t_eval,
-                "skipped_steps": int(pipe.skipped_steps),
+                "skipped_steps": int(pipe.train_step.skipped_steps),
                 "segments_per_rank0": len(pipe.ff_model.segments.keys()),
             }
             Path(result).write_text(json.dumps(report, indent=2))

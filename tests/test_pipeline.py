@@ -235,7 +235,7 @@ def test_non_finite_loss_leaves_weights_unchanged(data_root, tmp_path, monkeypat
     opt_after = trainer.optimizers.optimizers["networks"].state_dict()
     for i, st in opt_before["state"].items():
         assert torch.equal(st["exp_avg"], opt_after["state"][i]["exp_avg"])
-    assert trainer.pipeline.skipped_steps == 1
+    assert trainer.pipeline.train_step.skipped_steps == 1
 
 
 def test_freeze_volume_computes_the_volume_once_per_segment(data_root):

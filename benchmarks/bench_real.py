@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_splatfacto import _save_png, compare_scene  # noqa: E402
+from benchmarks.bench_splatfacto import _save_png, compare_scene, parse_option  # noqa: E402
 
 CAMERAS = ["front", "front_left", "front_right", "left", "right", "back"]
 
@@ -148,7 +148,7 @@ def trace(config: Path, steps) -> list:
     return rows
 
 
-def splatfacto(config: Path, budgets, out: Path, images: int) -> dict:
+def splatfacto(config: Path, budgets, out: Path, images: int, methods=("splatfacto",), ft_overrides=None) -> dict:
     from nerfstudio.utils.eval_utils import eval_setup
 
     _, pipe, _, _ = eval_setup(config, test_mode="test")
@@ -156,7 +156,7 @@ def splatfacto(config: Path, budgets, out: Path, images: int) -> dict:
     for sid in pipe.datamanager.eval_scene_ids:
         name = pipe.datamanager.scenes[sid].name
         report["scenes"][name] = compare_scene(pipe, sid, out / name, out / "runs", name, budgets, images,
-                                               out / f"real_splatfacto_{name}")
+                                               out / f"real_splatfacto_{name}", methods, ft_overrides)
     return report
 
 
@@ -175,7 +175,11 @@ def main() -> None:
     t.add_argument("--load-config", type=Path, nargs="+", required=True)
     t.add_argument("--steps", type=int, nargs="+", required=True)
     t.add_argument("--out", type=Path, required=True)
-    f = sub.add_parser("splatfacto", help="(b) splatfacto on the held-out camera's input frames")
+    f = sub.add_parser("splatfacto", help="(b) splatfacto on the held-out camera's input frames (and/or fine-tuning "
+                                          "from our feed-forward Gaussians: --methods)")
+    f.add_argument("--methods", nargs="+", choices=["splatfacto", "finetune"], default=["splatfacto"])
+    f.add_argument("--ft-option", nargs="+", default=[], type=parse_option, metavar="FIELD=VALUE",
+                   help="evolsplat-ft config fields for the fine-tuning run")
     f.add_argument("--load-config", type=Path, required=True)
     f.add_argument("--budgets", type=float, nargs="+", default=[30.0, 300.0])
     f.add_argument("--out", type=Path, required=True)
@@ -190,7 +194,7 @@ def main() -> None:
     elif a.stage == "trace":
         report = {str(c): trace(c, a.steps) for c in a.load_config}
     else:
-        report = splatfacto(a.load_config, a.budgets, a.out, a.images)
+        report = splatfacto(a.load_config, a.budgets, a.out, a.images, a.methods, dict(a.ft_option))
     (a.out / f"bench_real_{a.stage}.json").write_text(json.dumps(report, indent=2))
     print(f"columns of the images: ground truth | ours | seed cloud (eval); ground truth | ours | splatfacto "
           f"budgets (splatfacto). JSON: {a.out / f'bench_real_{a.stage}.json'}")

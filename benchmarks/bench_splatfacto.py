@@ -112,10 +112,11 @@ def run_splatfacto(scene_dir: Path, runs_dir: Path, name: str, budgets, metric, 
 
 
 def compare_scene(pipe, scene_id: int, scene_dir: Path, runs_dir: Path, name: str, budgets, images: int,
-                  png_prefix: Path, finetune: bool = False) -> dict:
-    """One held-out scene: export it (:func:`export_scene`), score the feed-forward renders and splatfacto after each
-    budget on the same views, and save ``images`` side-by-side PNGs ``<png_prefix>_view<i>.png`` (ground truth |
-    evolsplat-ff | splatfacto per budget). Returns the scene's row."""
+                  png_prefix: Path, methods=("splatfacto",), ft_overrides=None) -> dict:
+    """One held-out scene: export it (:func:`export_scene`), score the feed-forward renders and, for each of
+    ``methods`` ("splatfacto": from the seed cloud; "finetune": from the merged feed-forward Gaussians), the
+    optimisation after each budget on the same views, and save ``images`` side-by-side PNGs
+    ``<png_prefix>_view<i>.png`` (ground truth | evolsplat-ff | each method per budget). Returns the scene's row."""
     from evolsplat_ns.finetune.run import mean_metrics
     from evolsplat_ns.finetune.scene import export_scene
 
@@ -125,13 +126,16 @@ def compare_scene(pipe, scene_id: int, scene_dir: Path, runs_dir: Path, name: st
     ours = feed_forward_renders(pipe, scene_id)
     row = {"train_views": exported.num_train, "test_views": len(targets),
            "evolsplat_ff": mean_metrics(metric, ours, targets)}
-    results, renders = run_splatfacto(scene_dir, runs_dir, name, budgets, metric, targets)
-    row.update(results)
-    if finetune:  # issue 17: the same budgets, started from the feed-forward Gaussians (evolsplat-ns-infer's path)
+    renders = {}
+    if "splatfacto" in methods:
+        results, renders = run_splatfacto(scene_dir, runs_dir, name, budgets, metric, targets)
+        row.update(results)
+    if "finetune" in methods:  # issue 17: the same budgets, from the feed-forward Gaussians (evolsplat-ns-infer's path)
         from evolsplat_ns.finetune.run import finetune_scene
 
         ft = finetune_scene(pipe, scene_id, scene_dir.parent / f"{name}_finetune", list(budgets),
-                            {k: row["evolsplat_ff"][k] for k in ("psnr", "ssim")}, keep_renders=True)
+                            {k: row["evolsplat_ff"][k] for k in ("psnr", "ssim")}, keep_renders=True,
+                            overrides=ft_overrides)
         renders[f"finetuned_{int(max(budgets))}s"] = ft.pop("renders")
         row["finetune_curve"] = ft["curve"]
         row["merged_start"] = ft["merged_start"]
@@ -152,11 +156,12 @@ def plot_curves(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for sid, row in report["scenes"].items():
-        c = row["finetune_curve"]
-        ax.plot([p["seconds"] for p in c], [p["psnr"] for p in c], "o-", label=f"ours + fine-tuning (scene {sid})")
+        if "finetune_curve" in row:
+            c = row["finetune_curve"]
+            ax.plot([p["seconds"] for p in c], [p["psnr"] for p in c], "o-", label=f"ours + fine-tuning ({sid})")
         sf = sorted((v["seconds"], v["psnr"]) for k, v in row.items() if k.startswith("splatfacto_"))
-        ax.plot([0.0] + [s for s, _ in sf], [float("nan")] + [p for _, p in sf], "s--",
-                label=f"splatfacto (scene {sid})")
+        if sf:
+            ax.plot([s for s, _ in sf], [p for _, p in sf], "s--", label=f"splatfacto from its seed cloud ({sid})")
     ax.set_xscale("symlog", linthresh=10)
     ax.set_xlabel("seconds of per-scene optimisation")
     ax.set_ylabel("held-out PSNR (dB)")
@@ -166,16 +171,54 @@ def plot_curves(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def parse_option(text: str):
+    """``FIELD=VALUE`` → (field, value), the value read as YAML (numbers, booleans, strings)."""
+    import yaml
+
+    field, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    return field, yaml.safe_load(value)
+
+
+def merge_reports(paths, out: Path) -> dict:
+    """One report from several runs of this benchmark (e.g. splatfacto and the fine-tuning run side by side, each in
+    its own process): the scenes' rows are united key by key; the plot of the curves is written beside it."""
+    report = {"merged_from": [str(p) for p in paths], "scenes": {}}
+    for p in paths:
+        part = json.loads(Path(p).read_text())
+        for k, v in part.items():
+            if k != "scenes":
+                report.setdefault(k, v)
+        for sid, row in part["scenes"].items():
+            report["scenes"].setdefault(sid, {}).update(row)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_splatfacto.json").write_text(json.dumps(report, indent=2))
+    plot_curves(report, out / "psnr_vs_seconds.png")
+    return report
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--load-config", type=Path, required=True, help="config.yml of a trained evolsplat-ff run")
+    ap.add_argument("--load-config", type=Path, help="config.yml of a trained evolsplat-ff run")
     ap.add_argument("--budgets", type=float, nargs="+", default=[30.0, 300.0], help="seconds of splatfacto training")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench_splatfacto"))
     ap.add_argument("--images", type=int, default=4, help="side-by-side images to save per scene")
     ap.add_argument("--scenes", type=int, default=None, help="only the first N evaluation scenes")
-    ap.add_argument("--finetune", action="store_true",
-                    help="also fine-tune from the feed-forward Gaussians for the same budgets (PSNR-vs-time plot)")
+    ap.add_argument("--methods", nargs="+", choices=["splatfacto", "finetune"], default=["splatfacto"],
+                    help="per-scene optimisations to run: splatfacto from the seed cloud and/or fine-tuning from the "
+                         "feed-forward Gaussians, for the same budgets")
+    ap.add_argument("--finetune", action="store_true", help="same as --methods splatfacto finetune")
+    ap.add_argument("--merge", type=Path, nargs="+", help="only merge these reports (and plot them) into --out")
+    ap.add_argument("--ft-option", nargs="+", default=[], metavar="FIELD=VALUE", type=parse_option,
+                    help="evolsplat-ft config fields, e.g. pipeline.model.reset_alpha_every=1000")
     args = ap.parse_args()
+    if args.merge:
+        merge_reports(args.merge, args.out)
+        return
+    if args.load_config is None:
+        ap.error("--load-config is required (unless --merge)")
+    methods = ["splatfacto", "finetune"] if args.finetune else args.methods
     from nerfstudio.utils.eval_utils import eval_setup
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -184,15 +227,14 @@ def main():
               if torch.cuda.is_available() else "cpu", "scenes": {}}
     for sid in pipe.datamanager.eval_scene_ids[: args.scenes]:
         row = compare_scene(pipe, sid, args.out / f"scene{sid:03d}", args.out / "runs", f"scene{sid:03d}", args.budgets,
-                            args.images, args.out / f"b7b_scene{sid:03d}", finetune=args.finetune)
+                            args.images, args.out / f"b7b_scene{sid:03d}", methods, dict(args.ft_option))
         report["scenes"][str(sid)] = row
         print(json.dumps(row, indent=1), flush=True)
     (args.out / "bench_splatfacto.json").write_text(json.dumps(report, indent=2))
-    if args.finetune:
-        plot_curves(report, args.out / "psnr_vs_seconds.png")
-    print("columns of the images: ground truth | evolsplat-ff | " + " | ".join(
-        f"splatfacto {int(b)} s" for b in sorted(args.budgets))
-        + (f" | fine-tuned from ours {int(max(args.budgets))} s" if args.finetune else ""))
+    plot_curves(report, args.out / "psnr_vs_seconds.png")
+    print("columns of the images: ground truth | evolsplat-ff"
+          + "".join(f" | splatfacto {int(b)} s" for b in sorted(args.budgets) if "splatfacto" in methods)
+          + (f" | fine-tuned from ours {int(max(args.budgets))} s" if "finetune" in methods else ""))
 
 
 if __name__ == "__main__":

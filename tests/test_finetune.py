@@ -63,3 +63,18 @@ def test_gaussian_ply_round_trip_and_bad_files(tmp_path):
     write_ply(tmp_path / "points.ply", np.zeros((5, 3)), np.zeros((5, 3)))  # a point cloud, not Gaussians
     with pytest.raises(DataValidationError, match="f_dc_0"):
         read_gaussian_ply(tmp_path / "points.ply")
+
+
+def test_finetune_options_are_set_by_name_and_a_typo_is_refused(tmp_path):
+    """The A/B knobs of the fine-tuning run (bench_splatfacto --ft-option): a known field is set where the trainer
+    reads it; an unknown one is an error, not a silent run with the default."""
+    from evolsplat_ns.errors import ConfigError
+    from evolsplat_ns.finetune.run import apply_overrides, finetune_config
+
+    cfg = finetune_config(tmp_path, tmp_path / "init.ply", tmp_path / "runs", "s", "cpu")
+    default = cfg.pipeline.model.reset_alpha_every
+    apply_overrides(cfg, {"pipeline.model.reset_alpha_every": default + 7, "max_num_iterations": 5})
+    assert cfg.pipeline.model.reset_alpha_every == default + 7 and cfg.max_num_iterations == 5
+    for bad in ("pipeline.model.reset_alpha_evry", "pipeline.nomodel.reset_alpha_every"):
+        with pytest.raises(ConfigError, match=bad.replace(".", r"\.")):
+            apply_overrides(cfg, {bad: 1})

@@ -85,13 +85,30 @@ def finetune_config(data: Path, init_ply: Path, output_dir: Path, name: str, dev
     return cfg
 
 
+def apply_overrides(cfg, overrides: Optional[Dict[str, object]]) -> None:
+    """Set dotted config fields (``{"pipeline.model.reset_alpha_every": 1000}``) on ``cfg``; an unknown field is a
+    ``ConfigError`` naming it (a typo must not run the default silently)."""
+    from evolsplat_ns.errors import ConfigError
+
+    for key, value in (overrides or {}).items():
+        *path, last = key.split(".")
+        obj = cfg
+        for name in path:
+            obj = getattr(obj, name, None)
+        if obj is None or not hasattr(obj, last):
+            raise ConfigError(f"evolsplat-ft has no option '{key}'")
+        setattr(obj, last, value)
+
+
 def finetune_scene(pipeline, scene_id: int, out: Path, seconds, feed_forward: Dict[str, float],
-                   max_steps: Optional[int] = None, keep_renders: bool = False) -> Dict[str, object]:
+                   max_steps: Optional[int] = None, keep_renders: bool = False,
+                   overrides: Optional[Dict[str, object]] = None) -> Dict[str, object]:
     """Fine-tune evaluation scene ``scene_id`` for ``seconds`` (a number, or a list of budgets: scored after each,
     ``curve``) in ``out`` (see the module docstring). Returns its ``feed_forward`` (given: the zero-shot means of
     its held-out views) and ``finetuned`` metrics (``psnr``, ``ssim``, ``seconds``; the last budget), the
     ``curve``, the steps, the Gaussian counts and the written paths; with ``keep_renders`` also ``renders``: the
-    test views after the last budget (CPU tensors, not JSON)."""
+    test views after the last budget (CPU tensors, not JSON). ``overrides``: ``evolsplat-ft`` config fields to set
+    (:func:`apply_overrides`)."""
     from evolsplat_ns.export.ply import write_gaussian_ply
     from evolsplat_ns.export.world_frame import to_data_world
     from evolsplat_ns.finetune.merge import scene_gaussians
@@ -106,6 +123,7 @@ def finetune_scene(pipeline, scene_id: int, out: Path, seconds, feed_forward: Di
     init_ply = write_gaussian_ply(out / "data" / "init_gaussians.ply", g["means"], g["sh"], g["opacity_logit"],
                                   g["log_scales"], g["quats"])
     cfg = finetune_config(out / "data", init_ply, out / "runs", scene.name, ff.device.type)
+    apply_overrides(cfg, overrides)
     cfg.save_config()
     trainer = cfg.setup(local_rank=0, world_size=1)
     trainer.setup()

@@ -1,17 +1,42 @@
 #!/usr/bin/env bash
-# On the GPU machine (issue 17): the GPU demo (16 synthetic streets, evolsplat-ff, STEPS steps), then per held-out
-# scene: splatfacto from its seed cloud and fine-tuning from our feed-forward Gaussians, both on the clock for the
-# same BUDGETS, scored on the same held-out views (benchmarks/bench_splatfacto.py --finetune). Results into $OUT.
-#   usage: bash scripts/gpu/finetune_b7.sh [BUDGETS...]     env: STEPS (800), SCENES (1)
+# On the GPU machine (issue 17): per-scene optimisation against wall-clock time on a held-out synthetic scene.
+#   bash scripts/gpu/finetune_b7.sh train          # N_SCENES (6) synthetic streets at 192x576, evolsplat-ff STEPS (600)
+#   bash scripts/gpu/finetune_b7.sh bench [BUDGETS...]   # default 10 30 60 300, on the last (held-out) scene
+#   (FT_OPTS="pipeline.model.reset_alpha_every=1000 ...": evolsplat-ft options of the fine-tuning run)
+# "bench" runs splatfacto (from the scene's seed cloud) and fine-tuning (from the merged feed-forward Gaussians) side
+# by side, one process each, on the same training images and held-out views, each on its own clock (evaluation
+# excluded), then merges both into bench_splatfacto.json + psnr_vs_seconds.png. Each process reports its steps per
+# budget, so the effect of sharing the GPU can be read against solo runs. Results into $OUT.
 source scripts/gpu/env.sh
-BUDGETS=("$@"); [ ${#BUDGETS[@]} -eq 0 ] && BUDGETS=(10 30 60)
 RES=${OUT:-outputs/finetune_b7}
+DATA=/tmp/ft_synthetic
+RUN=/tmp/ft_runs
+CFG=$RUN/ft/evolsplat-ff/run/config.yml
 mkdir -p "$RES"
 start=$(date +%s)
-STEPS=${STEPS:-800} OUT=outputs/demo PYTHON=python3 bash scripts/demo.sh data/synthetic > "$RES/demo.log" 2>&1
-echo "demo exit $? after $(( $(date +%s) - start )) s"; tail -3 "$RES/demo.log"
-python3 benchmarks/bench_splatfacto.py --load-config outputs/demo/demo/evolsplat-ff/run/config.yml --finetune \
-    --budgets "${BUDGETS[@]}" --scenes "${SCENES:-1}" --images 2 --out outputs/ft > "$RES/finetune.log" 2>&1
-echo "bench exit $? after $(( $(date +%s) - start )) s"; grep -v "^\s*$" "$RES/finetune.log" | tail -12
-cp outputs/ft/bench_splatfacto.json outputs/ft/psnr_vs_seconds.png "$RES/" 2>/dev/null
-cp outputs/ft/b7b_scene*_view00.png "$RES/" 2>/dev/null
+case "${1:-train}" in
+train)
+    python3 -m evolsplat_ns.cli.synth --out $DATA --seed 0 --num-scenes ${N_SCENES:-6} --height 192 --width 576 \
+        --frames 40 > "$RES/synth.log" 2>&1 || { tail -5 "$RES/synth.log"; exit 1; }
+    python3 -m nerfstudio.scripts.train evolsplat-ff --data $DATA --max-num-iterations ${STEPS:-600} \
+        --output-dir $RUN --experiment-name ft --timestamp run --vis tensorboard \
+        --viewer.quit-on-train-completion True --pipeline.datamanager.num-target-keyframes 2 --steps-per-save 1000 \
+        --pipeline.model.pointcloud.outlier-removal False --pipeline.model.pointcloud.max-points 300000 \
+        > "$RES/train.log" 2>&1
+    echo "train exit $? after $(( $(date +%s) - start )) s"; grep -v -i warn "$RES/train.log" | tail -3 ;;
+bench)
+    shift; BUDGETS=("$@"); [ ${#BUDGETS[@]} -eq 0 ] && BUDGETS=(10 30 60 300)
+    for m in splatfacto finetune; do
+        python3 benchmarks/bench_splatfacto.py --load-config $CFG --methods $m --budgets "${BUDGETS[@]}" \
+            --scenes 1 --images 2 --out /tmp/ft_$m ${FT_OPTS:+--ft-option $FT_OPTS} > "$RES/$m.log" 2>&1 &
+        sleep 2
+    done
+    wait
+    echo "bench done after $(( $(date +%s) - start )) s"; grep -h "s {" "$RES"/splatfacto.log | tail -4
+    python3 benchmarks/bench_splatfacto.py --merge /tmp/ft_splatfacto/bench_splatfacto.json \
+        /tmp/ft_finetune/bench_splatfacto.json --out "$RES"
+    python3 -c "import json,sys; r=json.load(open('$RES/bench_splatfacto.json'))['scenes']
+for s,row in r.items(): print(s, {k: (round(v['psnr'],2), v.get('steps')) for k,v in row.items() if k.startswith('splatfacto_')},
+    [(round(p['seconds']), p['steps'], round(p['psnr'],2)) for p in row.get('finetune_curve', [])])"
+    for m in splatfacto finetune; do cp /tmp/ft_$m/b7b_scene*_view00.png "$RES/${m}_view00.png" 2>/dev/null; done ;;
+esac

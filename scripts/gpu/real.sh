@@ -7,6 +7,7 @@
 #   bash scripts/gpu/real.sh eval RUN [RUN...]            # (a) seed cloud, (c) ours: every held-out front image
 #   bash scripts/gpu/real.sh splatfacto RUN [BUDGETS...]  # (b) splatfacto on the front camera's even frames
 #   STEPS="100 200" bash scripts/gpu/real.sh trace RUN...  # opacity / scale / colour / PSNR over the checkpoints
+#   bash scripts/gpu/real.sh curves RUN [BUDGETS...]     # issue 17: splatfacto and fine-tuning from ours side by side
 # Results under $OUT (default outputs/real).
 source scripts/gpu/env.sh
 RES=${OUT:-outputs/real}
@@ -47,7 +48,23 @@ trace)  # STEPS="100 200 ..." bash scripts/gpu/real.sh trace RUN [RUN...]
 splatfacto)
     run=$2; shift 2
     python3 benchmarks/bench_real.py splatfacto --load-config "$RUNS/$run/evolsplat-ff/run/config.yml" \
-        --budgets "${@:-30 300}" --out /tmp/real_splatfacto > "$RES/splatfacto.log" 2>&1
+        --budgets ${@:-30 300} --out /tmp/real_splatfacto > "$RES/splatfacto.log" 2>&1
     echo "splatfacto exit $?"; grep -v -i "warn" "$RES/splatfacto.log" | tail -30
     cp /tmp/real_splatfacto/*.json /tmp/real_splatfacto/*.png "$RES/" 2>/dev/null ;;
+curves)  # one process per method, same images and views, each on its own clock; merged + plotted afterwards
+    run=$2; shift 2
+    for m in splatfacto finetune; do
+        python3 benchmarks/bench_real.py splatfacto --load-config "$RUNS/$run/evolsplat-ff/run/config.yml" \
+            --methods $m --budgets ${@:-10 30 60 300} --images 2 --out /tmp/real_$m ${FT_OPTS:+--ft-option $FT_OPTS} \
+            > "$RES/curves_$m.log" 2>&1 &
+        sleep 2
+    done
+    wait
+    python3 benchmarks/bench_splatfacto.py --merge /tmp/real_splatfacto/bench_real_splatfacto.json \
+        /tmp/real_finetune/bench_real_splatfacto.json --out "$RES"
+    python3 -c "import json; r=json.load(open('$RES/bench_splatfacto.json'))['scenes']
+for s,row in r.items(): print(s, round(row['evolsplat_ff']['psnr'],2), {k: (round(v['psnr'],2), v.get('steps')) for k,v in row.items() if k.startswith('splatfacto_')},
+    [(round(p['seconds']), p['steps'], round(p['psnr'],2)) for p in row.get('finetune_curve', [])])"
+    grep -v -i warn "$RES/curves_finetune.log" | tail -3
+    for m in splatfacto finetune; do cp /tmp/real_$m/real_splatfacto_*_view00.png "$RES/real_${m}_view00.png" 2>/dev/null; done ;;
 esac

@@ -112,7 +112,7 @@ def run_splatfacto(scene_dir: Path, runs_dir: Path, name: str, budgets, metric, 
 
 
 def compare_scene(pipe, scene_id: int, scene_dir: Path, runs_dir: Path, name: str, budgets, images: int,
-                  png_prefix: Path, methods=("splatfacto",), ft_overrides=None) -> dict:
+                  png_prefix: Path, methods=("splatfacto",), ft_overrides=None, bake: str = "middle") -> dict:
     """One held-out scene: export it (:func:`export_scene`), score the feed-forward renders and, for each of
     ``methods`` ("splatfacto": from the seed cloud; "finetune": from the merged feed-forward Gaussians), the
     optimisation after each budget on the same views, and save ``images`` side-by-side PNGs
@@ -135,7 +135,7 @@ def compare_scene(pipe, scene_id: int, scene_dir: Path, runs_dir: Path, name: st
 
         ft = finetune_scene(pipe, scene_id, scene_dir.parent / f"{name}_finetune", list(budgets),
                             {k: row["evolsplat_ff"][k] for k in ("psnr", "ssim")}, keep_renders=True,
-                            overrides=ft_overrides)
+                            overrides=ft_overrides, bake=bake)
         renders[f"finetuned_{int(max(budgets))}s"] = ft.pop("renders")
         row["finetune_curve"] = ft["curve"]
         row["merged_start"] = ft["merged_start"]
@@ -212,6 +212,8 @@ def main():
     ap.add_argument("--merge", type=Path, nargs="+", help="only merge these reports (and plot them) into --out")
     ap.add_argument("--ft-option", nargs="+", default=[], metavar="FIELD=VALUE", type=parse_option,
                     help="evolsplat-ft config fields, e.g. pipeline.model.reset_alpha_every=1000")
+    ap.add_argument("--bake", choices=["middle", "sources"], default="middle",
+                    help="viewpoints the fine-tuning start is decoded for (evolsplat_ns.finetune.merge)")
     args = ap.parse_args()
     if args.merge:
         merge_reports(args.merge, args.out)
@@ -227,7 +229,8 @@ def main():
               if torch.cuda.is_available() else "cpu", "scenes": {}}
     for sid in pipe.datamanager.eval_scene_ids[: args.scenes]:
         row = compare_scene(pipe, sid, args.out / f"scene{sid:03d}", args.out / "runs", f"scene{sid:03d}", args.budgets,
-                            args.images, args.out / f"b7b_scene{sid:03d}", methods, dict(args.ft_option))
+                            args.images, args.out / f"b7b_scene{sid:03d}", methods, dict(args.ft_option),
+                            args.bake)
         report["scenes"][str(sid)] = row
         print(json.dumps(row, indent=1), flush=True)
     (args.out / "bench_splatfacto.json").write_text(json.dumps(report, indent=2))

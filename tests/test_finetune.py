@@ -78,3 +78,21 @@ def test_finetune_options_are_set_by_name_and_a_typo_is_refused(tmp_path):
     for bad in ("pipeline.model.reset_alpha_evry", "pipeline.nomodel.reset_alpha_every"):
         with pytest.raises(ConfigError, match=bad.replace(".", r"\.")):
             apply_overrides(cfg, {bad: 1})
+
+
+def test_baking_several_viewpoints_averages_what_a_static_set_can_hold():
+    """bake="sources": the mean over viewpoints of each decoded parameter — one viewpoint gives itself back, opacity
+    is averaged as a probability (not as a logit), and a quaternion and its negation (the same rotation) average to
+    that rotation, not to zero."""
+    from evolsplat_ns.finetune.merge import bake_views
+
+    g = _gaussians(torch.randn(50, 3))
+    g["quats"] = g["quats"] / g["quats"].norm(dim=-1, keepdim=True)
+    one = bake_views([g])
+    for k in ("means", "sh", "log_scales", "quats"):
+        torch.testing.assert_close(one[k], g[k])
+    torch.testing.assert_close(one["opacity_logit"], g["opacity_logit"], atol=1e-4, rtol=1e-4)
+    flipped = {**g, "quats": -g["quats"], "opacity_logit": torch.full_like(g["opacity_logit"], -20.0)}
+    two = bake_views([{**g, "opacity_logit": torch.full_like(g["opacity_logit"], 20.0)}, flipped])
+    torch.testing.assert_close(two["quats"], g["quats"])
+    torch.testing.assert_close(torch.sigmoid(two["opacity_logit"]), torch.full((50,), 0.5))  # 1 and 0 -> 0.5

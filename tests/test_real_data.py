@@ -137,3 +137,19 @@ def test_finetuning_from_the_feed_forward_start_improves_held_out_views(pipeline
     assert start["psnr"] > 14.0  # the start is the scene (a grey or shifted set scores ~11 dB)
     g = read_gaussian_ply(r["ply"])
     assert g["means"].shape[0] == r["gaussians"]["finetuned"] > 1000
+
+
+def test_both_bakes_of_the_fine_tuning_start_hold_the_same_gaussians(pipeline):
+    """The start of fine-tuning baked for the middle source camera or averaged over every source camera: the same
+    Gaussians (positions, count), finite parameters, opacities that differ only where the view changes them."""
+    from evolsplat_ns.finetune.merge import scene_gaussians
+
+    middle, info = scene_gaussians(pipeline, 0, bake="middle")
+    sources, _ = scene_gaussians(pipeline, 0, bake="sources")
+    torch.testing.assert_close(sources["means"], middle["means"])
+    assert info["gaussians"] == sources["means"].shape[0] > 1000
+    for k, v in sources.items():
+        assert torch.isfinite(v).all(), k
+    assert (torch.sigmoid(sources["opacity_logit"]) - torch.sigmoid(middle["opacity_logit"])).abs().mean() < 0.2
+    with pytest.raises(ValueError, match="bake"):
+        scene_gaussians(pipeline, 0, bake="nearest")

@@ -1,11 +1,15 @@
 """One set of 3D Gaussians for a whole scene out of its segments' feed-forward reconstructions.
 
 Each segment is reconstructed once from its default sources (spread over the segment, as the viewer shows it) and
-exported as static 3DGS parameters with the colour baked for its middle source camera
-(:meth:`EvolSplatModel.export_gaussians`). Segments overlap (neighbouring windows share keyframes), so the same
-surface comes out of two or three segments. **Overlaps:** every Gaussian is kept only from the segment whose centre
-(the mean of its source camera positions) is nearest to it: a Voronoi partition of space along the trajectory, so
-each region comes from the segment that saw it from nearest. **Background:** the dome of the middle segment
+exported as static 3DGS parameters (:meth:`EvolSplatModel.export_gaussians`). The heads decode colour, opacity, scale
+and rotation for a viewpoint; a static set needs one: ``bake="middle"`` takes the segment's middle source camera (as
+the PLY export does), ``bake="sources"`` the mean over every source camera (SH coefficients, log-scales and
+sign-aligned quaternions averaged, opacity averaged after the sigmoid) — :func:`bake_views`.
+
+Segments overlap (neighbouring windows share keyframes), so the same surface comes out of two or three segments.
+**Overlaps:** every Gaussian is kept only from the segment whose centre (the mean of its source camera positions) is
+nearest to it: a Voronoi partition of space along the trajectory, so each region comes from the segment that saw it
+from nearest. **Background:** the dome of the middle segment
 (its far hemisphere, 100 m around that segment's reference camera) is added once, as opaque Gaussians with its
 colours as degree-0 SH.
 
@@ -64,10 +68,29 @@ def dome_gaussians(means: Tensor, rgb: Tensor, scales: Tensor, sh_coeffs: int) -
             "log_scales": torch.log(scales), "quats": quats}
 
 
+BAKES = ("middle", "sources")
+
+
+def bake_views(parts: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+    """One static set from the same Gaussians decoded for several viewpoints (``parts``, each as
+    :meth:`EvolSplatModel.export_gaussians` returns): SH, log-scales averaged; opacity averaged as a probability;
+    quaternions averaged after flipping each to the first one's hemisphere (q and -q are the same rotation)."""
+    q0 = parts[0]["quats"]
+    quats = torch.stack([g["quats"] * torch.where((g["quats"] * q0).sum(-1, keepdim=True) < 0, -1.0, 1.0)
+                         for g in parts]).mean(0)
+    opacity = torch.stack([torch.sigmoid(g["opacity_logit"]) for g in parts]).mean(0).clamp(1e-6, 1 - 1e-6)
+    return {"means": parts[0]["means"], "sh": torch.stack([g["sh"] for g in parts]).mean(0),
+            "opacity_logit": torch.logit(opacity), "log_scales": torch.stack([g["log_scales"] for g in parts]).mean(0),
+            "quats": quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)}
+
+
 @torch.no_grad()
-def scene_gaussians(pipeline, scene_id: int) -> Tuple[Dict[str, Tensor], Dict[str, float]]:
+def scene_gaussians(pipeline, scene_id: int, bake: str = "middle") -> Tuple[Dict[str, Tensor], Dict[str, float]]:
     """The merged feed-forward Gaussians of scene ``scene_id`` (project frame, CPU tensors) and timings:
-    ``seconds`` (reconstructing and exporting every segment, device-synchronised) and the counts."""
+    ``seconds`` (reconstructing and exporting every segment, device-synchronised) and the counts. ``bake``: the
+    viewpoint(s) the static parameters are decoded for (module docstring)."""
+    if bake not in BAKES:
+        raise ValueError(f"bake must be one of {BAKES}, got {bake!r}")
     import time
 
     dm, model = pipeline.datamanager, pipeline.ff_model
@@ -80,7 +103,10 @@ def scene_gaussians(pipeline, scene_id: int) -> Tuple[Dict[str, Tensor], Dict[st
     for i, seg in enumerate(segments):
         batch = dm.eval_batch(scene_id, seg)
         shared = pipeline.reconstruct(batch)
-        g = model.export_gaussians(shared)
+        if bake == "middle":
+            g = model.export_gaussians(shared)
+        else:
+            g = bake_views([model.export_gaussians(shared, c2w) for c2w in batch.source.extrinsics])
         parts.append(({k: v.detach().cpu() for k, v in g.items()}, batch.source.extrinsics[:, :3, 3].mean(0).cpu()))
         if i == len(segments) // 2:
             src = batch.source

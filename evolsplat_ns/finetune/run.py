@@ -102,13 +102,13 @@ def apply_overrides(cfg, overrides: Optional[Dict[str, object]]) -> None:
 
 def finetune_scene(pipeline, scene_id: int, out: Path, seconds, feed_forward: Dict[str, float],
                    max_steps: Optional[int] = None, keep_renders: bool = False,
-                   overrides: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+                   overrides: Optional[Dict[str, object]] = None, bake: str = "middle") -> Dict[str, object]:
     """Fine-tune evaluation scene ``scene_id`` for ``seconds`` (a number, or a list of budgets: scored after each,
     ``curve``) in ``out`` (see the module docstring). Returns its ``feed_forward`` (given: the zero-shot means of
     its held-out views) and ``finetuned`` metrics (``psnr``, ``ssim``, ``seconds``; the last budget), the
     ``curve``, the steps, the Gaussian counts and the written paths; with ``keep_renders`` also ``renders``: the
     test views after the last budget (CPU tensors, not JSON). ``overrides``: ``evolsplat-ft`` config fields to set
-    (:func:`apply_overrides`)."""
+    (:func:`apply_overrides`); ``bake``: the viewpoints of the static start (:func:`~.merge.scene_gaussians`)."""
     from evolsplat_ns.export.ply import write_gaussian_ply
     from evolsplat_ns.export.world_frame import to_data_world
     from evolsplat_ns.finetune.merge import scene_gaussians
@@ -117,7 +117,7 @@ def finetune_scene(pipeline, scene_id: int, out: Path, seconds, feed_forward: Di
     out = Path(out)
     dm, ff = pipeline.datamanager, pipeline.ff_model
     scene = dm.scenes[scene_id]
-    merged, info = scene_gaussians(pipeline, scene_id)
+    merged, info = scene_gaussians(pipeline, scene_id, bake=bake)
     exported = export_scene(pipeline, scene_id, out / "data")
     g = exported.frame.gaussians(merged)
     init_ply = write_gaussian_ply(out / "data" / "init_gaussians.ply", g["means"], g["sh"], g["opacity_logit"],

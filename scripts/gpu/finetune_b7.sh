@@ -3,6 +3,8 @@
 #   bash scripts/gpu/finetune_b7.sh train          # N_SCENES (6) synthetic streets at 192x576, evolsplat-ff STEPS (600)
 #   bash scripts/gpu/finetune_b7.sh bench [BUDGETS...]   # default 10 30 60 300, on the last (held-out) scene
 #   (FT_OPTS="pipeline.model.reset_alpha_every=1000 ...": evolsplat-ft options of the fine-tuning run)
+#   bash scripts/gpu/finetune_b7.sh variants [BUDGETS...]   # default 10 30 60: fine-tuning variants side by side
+#   (VARIANTS: ";"-separated, each "NAME:bench_splatfacto options", e.g. the default below; all share the GPU alike)
 # "bench" runs splatfacto (from the scene's seed cloud) and fine-tuning (from the merged feed-forward Gaussians) side
 # by side, one process each, on the same training images and held-out views, each on its own clock (evaluation
 # excluded), then merges both into bench_splatfacto.json + psnr_vs_seconds.png. Each process reports its steps per
@@ -39,4 +41,21 @@ bench)
 for s,row in r.items(): print(s, {k: (round(v['psnr'],2), v.get('steps')) for k,v in row.items() if k.startswith('splatfacto_')},
     [(round(p['seconds']), p['steps'], round(p['psnr'],2)) for p in row.get('finetune_curve', [])])"
     for m in splatfacto finetune; do cp /tmp/ft_$m/b7b_scene*_view00.png "$RES/${m}_view00.png" 2>/dev/null; done ;;
+variants)  # the A/B of docs/BENCHMARKS.md (issue 17): what the fine-tuning start and schedule should be
+    shift; BUDGETS=("$@"); [ ${#BUDGETS[@]} -eq 0 ] && BUDGETS=(10 30 60)
+    V=${VARIANTS:-"default:;noreset:--ft-option pipeline.model.reset_alpha_every=1000000;sources:--bake sources;both:--bake sources --ft-option pipeline.model.reset_alpha_every=1000000"}
+    IFS=';' read -ra VS <<< "$V"; names=()
+    for v in "${VS[@]}"; do
+        name=${v%%:*}; opts=${v#*:}; names+=("$name")
+        python3 benchmarks/bench_splatfacto.py --load-config $CFG --methods finetune --budgets "${BUDGETS[@]}" \
+            --scenes 1 --images 1 --out /tmp/ftv_$name $opts > "$RES/variant_$name.log" 2>&1 &
+        sleep 2
+    done
+    wait
+    echo "variants done after $(( $(date +%s) - start )) s"
+    for name in "${names[@]}"; do
+        python3 -c "import json; r=json.load(open('/tmp/ftv_$name/bench_splatfacto.json'))['scenes']
+for s,row in r.items(): print('$name', s, [(round(p['seconds']), p['steps'], round(p['psnr'],2), round(p['ssim'],3)) for p in row['finetune_curve']])" \
+            | tee -a "$RES/variants.txt"
+    done ;;
 esac

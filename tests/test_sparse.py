@@ -488,3 +488,66 @@ def test_unet_and_sampling_cuda_equal_cpu():
         res[dev] = [vol.feats, s, *gs]
     for u, v in zip(res["cpu"], res["cuda"]):
         torch.testing.assert_close(u, v.cpu(), rtol=1e-8, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------------- host reads
+def test_downsample_map_same_with_flag_table_and_sorted_keys(monkeypatch):
+    """The strided map's outputs are found with a flag per coarse cell (boxes up to DENSE_TABLE_CELLS) or by sorting
+    the keys (larger boxes): the same coordinates, in the same order, and the same pairs."""
+    import evolsplat_ns.model.sparse.kernel_map as km
+
+    for seed, batch, rng in ((3, 1, None), (4, 2, None), (5, 1, (13, 12, 15))):
+        c = random_coords((13, 11, 14), 0.25, batch, seed=seed)
+        a_map, a_out, a_rng = build_downsample_map(c, 3, 2, rng)
+        monkeypatch.setattr(km, "DENSE_TABLE_CELLS", 0)
+        b_map, b_out, b_rng = build_downsample_map(c, 3, 2, rng)
+        monkeypatch.undo()
+        assert torch.equal(a_out, b_out) and a_rng == b_rng
+        assert [torch.equal(x, y) for x, y in zip(a_map.pairs(), b_map.pairs())] == [True] * 3
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts what makes the host wait for a CUDA device: scalar reads (``item``/``int``/``bool``), ops whose output
+    size depends on the data (``nonzero``, ``unique``, boolean indexing), and ``tolist`` (patched in by the test)."""
+
+    SIZE_FROM_DATA = {"nonzero", "unique", "_unique2", "unique_dim", "unique_consecutive", "masked_select",
+                      "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                             for i in (args[1] or ()))
+        if name == "_local_scalar_dense" or name in self.SIZE_FROM_DATA or bool_index:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_kernel_maps_are_built_with_few_host_reads(monkeypatch):
+    """Issue 16: building a segment's kernel maps (first forward of the U-Net: 4 hashes, 4 submanifold and 3 strided
+    maps) reads the device a bounded number of times — one read per hash and per map, the box and the output count
+    of each strided map, and the (CPU-side) kernel offsets of each lookup: 21 here, where the earlier build, with
+    ``nonzero`` / ``unique`` / size reads inside every map, made 106. With the maps cached there is none."""
+    c = random_coords((24, 24, 24), 0.15, 1, seed=11)
+    f = torch.randn(len(c), 3, dtype=DT)
+    net = SparseUNet().double().eval()
+    mode = _HostReads()
+    orig = torch.Tensor.tolist
+
+    def tolist(t):
+        mode.count += 1
+        return orig(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    cache = KernelMapCache()
+    with torch.no_grad(), mode:
+        net(SparseTensor(f, c), cache=cache)
+    first = mode.count
+    mode.count = 0
+    with torch.no_grad(), mode:
+        net(SparseTensor(f, c), cache=cache)
+    assert first <= 4 + 4 + 4 + 3 * 3, first  # hashes + maps (+ CPU offsets of each submanifold lookup) + strided
+    assert mode.count == 0, mode.count

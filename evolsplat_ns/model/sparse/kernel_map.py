@@ -43,6 +43,16 @@ DENSE_TABLE_CELLS = 1 << 26
 instead of a binary search. Larger boxes (kilometre-scale scenes) use the sorted keys."""
 
 
+def host_to_device(values, device) -> Tensor:
+    """A small int64 tensor of ``values`` (a list, or a CPU tensor) on ``device``, copied without making the host wait
+    for the device: a plain host-to-device copy of pageable memory synchronises the stream, pinned + non-blocking does
+    not (the caching host allocator keeps the pinned block until the copy is done)."""
+    t = torch.as_tensor(values, dtype=torch.long)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def kernel_offsets(kernel_size: int = 3, device=None) -> Tensor:
     """Kernel positions ``(a, b, c)`` in ``[0, k)^3`` as a ``[k^3, 3]`` int64 tensor, index ``a + k b + k^2 c``."""
     r = torch.arange(kernel_size, device=device)
@@ -142,12 +152,12 @@ class CoordIndex:
         the box (``c`` itself need not); queries outside the box are masked per axis.
         """
         coords = coords.long()
-        offs_cpu = offsets.detach().long().cpu()
-        offsets = offs_cpu.to(coords.device)
+        offs = offsets.detach().long().cpu().tolist()  # give CPU offsets: reading device ones waits for the device
+        offsets = host_to_device(offs, coords.device)
         base = ((coords - self.lo) * self.strides).sum(-1)  # [N]
         valid = torch.ones((coords.shape[0], 1), dtype=torch.bool, device=coords.device)
         for d in range(self.dim):  # loop over the (<= 4) axes only
-            if bool((offs_cpu[:, d] == 0).all()):
+            if all(o[d] == 0 for o in offs):
                 q = coords[:, d : d + 1]
             else:
                 q = coords[:, d : d + 1] + offsets[None, :, d]
@@ -203,39 +213,42 @@ class KernelMap:
         Groups are cut into chunks of equal length ``c`` (about a quarter of the mean group size, at least
         ``min_chunk``) so that padding stays small when the offsets have very different pair counts (surfaces:
         in-plane offsets have ~N pairs, the others few); several chunks may share one weight index.
+
+        One host read: the ``K`` pair counts (every size below follows from them); the pairs are then listed with
+        a fixed-size ``nonzero_static``, so on CUDA nothing else waits for the device.
         """
         n_out, kv = table.shape
         device = table.device
+        ks_list = [k for k in range(kv) if k != identity_k]
         t = table.t()
-        ks = torch.arange(kv, device=device)
         if identity_k is not None:
-            keep_rows = ks != identity_k
-            t, ks = t[keep_rows], ks[keep_rows]
-        mask = t >= 0
-        counts = mask.sum(1)
-        nonempty = counts > 0
-        t, mask, counts, ks = t[nonempty], mask[nonempty], counts[nonempty], ks[nonempty]
-        n_groups = int(ks.shape[0])
+            t = t.index_select(0, host_to_device(ks_list, device))
+        mask = t >= 0  # [G, n_out], G = groups kept (empty ones yield no chunk)
+        counts = mask.sum(1).tolist()  # the one host read
+        total, n_groups = sum(counts), sum(1 for c in counts if c > 0)
         if n_groups == 0:
             empty = torch.zeros((0, 0), dtype=torch.long, device=device)
-            return KernelMap(empty, empty.clone(), ks, n_in, n_out, kv, identity_k)
-        total, pmax = int(counts.sum()), int(counts.max())
-        chunk = min(pmax, max(min_chunk, -(-total // (4 * n_groups))))
+            return KernelMap(empty, empty.clone(), torch.zeros(0, dtype=torch.long, device=device), n_in, n_out, kv,
+                             identity_k)
+        chunk = min(max(counts), max(min_chunk, -(-total // (4 * n_groups))))
         if chunk >= 1024:
             chunk = -(-chunk // 8) * 8  # lets the weight-gradient reduction split evenly (ops._grouped_weight_grad)
-        n_chunks = torch.div(counts + chunk - 1, chunk, rounding_mode="floor")  # per group
-        first_chunk = torch.cumsum(n_chunks, 0) - n_chunks
-        r, c = mask.nonzero(as_tuple=True)  # row-major: sorted by group, then output row
-        start = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(r.shape[0], device=device) - start[r]
-        row = first_chunk[r] + torch.div(pos, chunk, rounding_mode="floor")
+        n_chunks = [-(-c // chunk) for c in counts]
+        first_chunk, start, r0, s0 = [], [], 0, 0
+        for c, nc in zip(counts, n_chunks):
+            first_chunk.append(r0)
+            start.append(s0)
+            r0, s0 = r0 + nc, s0 + c
+        ks = host_to_device([k for k, nc in zip(ks_list, n_chunks) for _ in range(nc)], device)
+        r, c = torch.nonzero_static(mask, size=total).unbind(1)  # row-major: by group, then output row
+        pos = torch.arange(total, device=device) - host_to_device(start, device)[r]
+        row = host_to_device(first_chunk, device)[r] + torch.div(pos, chunk, rounding_mode="floor")
         col = pos - torch.div(pos, chunk, rounding_mode="floor") * chunk
-        n_rows = int(n_chunks.sum())
-        in_idx = torch.full((n_rows, chunk), n_in, dtype=torch.long, device=device)
-        out_idx = torch.full((n_rows, chunk), n_out, dtype=torch.long, device=device)
+        in_idx = torch.full((r0, chunk), n_in, dtype=torch.long, device=device)
+        out_idx = torch.full((r0, chunk), n_out, dtype=torch.long, device=device)
         in_idx[row, col] = t[r, c]
         out_idx[row, col] = c
-        return KernelMap(in_idx, out_idx, torch.repeat_interleave(ks, n_chunks), n_in, n_out, kv, identity_k)
+        return KernelMap(in_idx, out_idx, ks, n_in, n_out, kv, identity_k)
 
 
 def build_submanifold_map(coords: Tensor, index: CoordIndex, kernel_size: int = 3, min_chunk: int = 256) -> KernelMap:
@@ -243,7 +256,7 @@ def build_submanifold_map(coords: Tensor, index: CoordIndex, kernel_size: int = 
     if kernel_size % 2 != 1:
         raise ValueError("submanifold convolution needs an odd kernel size")
     n = int(coords.shape[0])
-    offs = kernel_offsets(kernel_size, coords.device) - (kernel_size - 1) // 2
+    offs = kernel_offsets(kernel_size) - (kernel_size - 1) // 2  # on the CPU: lookup_offsets reads them there
     offs4 = torch.cat([torch.zeros_like(offs[:, :1]), offs], dim=1)
     table = index.lookup_offsets(coords, offs4)  # [N, K]: input row of output n at offset k
     return KernelMap.from_table(table, n, identity_k=(kernel_size**3) // 2, min_chunk=min_chunk)
@@ -270,21 +283,21 @@ def build_downsample_map(
         kmap = KernelMap.from_table(torch.zeros((0, k**3), dtype=torch.long, device=device), 0, min_chunk=min_chunk)
         return kmap, empty, None
     p = coords[:, 1:]
+    b = coords[:, 0]
     if spatial_range is not None:
-        m = torch.tensor([int(v) - 1 for v in spatial_range], dtype=torch.long, device=device)
+        m = [int(v) - 1 for v in spatial_range]
         out_range = tuple((int(v) - (k - 1) - 1) // s + 1 for v in spatial_range)
+        bmin, bmax = torch.stack([b.min(), b.max()]).tolist()  # host read 1 of 3 (the box)
     else:
-        m = p.max(0).values
+        bmin, bmax, *m = torch.cat([torch.stack([b.min(), b.max()]), p.max(0).values]).tolist()
         out_range = None
-    omax = torch.div(m - (k - 1), s, rounding_mode="floor")  # [3], may be negative
+    omax = [(v - (k - 1)) // s for v in m]  # may be negative
     d = torch.arange(k, device=device)
     num = p[:, :, None] - d[None, None, :]  # [N, 3, k]: s*o = p - d
     o = torch.div(num, s, rounding_mode="floor")
-    ok = (num - o * s == 0) & (o >= 0) & (o <= omax[None, :, None])  # [N, 3, k]
+    ok = (num - o * s == 0) & (o >= 0) & (o <= host_to_device(omax, device)[None, :, None])  # [N, 3, k]
     # coarse keys: ravel (b, ox, oy, oz) inside [bmin..bmax] x [0..omax]
-    b = coords[:, 0]
-    bmin = int(b.min())
-    sizes = [int(b.max()) - bmin + 1] + [max(int(v) + 1, 1) for v in omax.tolist()]
+    sizes = [bmax - bmin + 1] + [max(v + 1, 1) for v in omax]
     st = [sizes[1] * sizes[2] * sizes[3], sizes[2] * sizes[3], sizes[3], 1]
     if st[0] * sizes[0] >= _MAX_KEY:
         raise ValueError(f"coordinate box {sizes} too large to ravel into int64 keys")
@@ -294,16 +307,30 @@ def build_downsample_map(
     valid = ok[:, 2][:, :, None, None] & ok[:, 1][:, None, :, None] & ok[:, 0][:, None, None, :]
     key = key.reshape(n, k**3)
     valid = valid.reshape(n, k**3)
-    rows, ws = valid.nonzero(as_tuple=True)
-    ukeys, inv = torch.unique(key[rows, ws], sorted=True, return_inverse=True)
-    n_out = int(ukeys.shape[0])
+    cells = st[0] * sizes[0]
+    if cells <= DENSE_TABLE_CELLS:  # the common case: a flag per coarse cell, no sort
+        # outputs = the flagged cells in key order (= sorted by (b, x, y, z)); invalid pairs go to a scratch cell
+        flags = torch.zeros(cells + 1, dtype=torch.int32, device=device)
+        flags[torch.where(valid, key, cells)] = 1
+        flags[cells] = 0
+        rank = torch.cumsum(flags, 0, dtype=torch.int32)  # 1-based output row of each flagged cell
+        n_out = int(rank[-1])  # host read 2 of 3 (the number of outputs)
+        ukeys = torch.nonzero_static(flags[:cells], size=n_out).squeeze(1)
+        out_row = torch.where(valid, rank[key.clamp(0, cells - 1)].long() - 1, n_out)  # scratch row for the rest
+        table = torch.full((n_out + 1, k**3), -1, dtype=torch.long, device=device)
+        table[out_row, torch.arange(k**3, device=device)[None, :]] = torch.arange(n, device=device)[:, None]
+        table = table[:n_out]
+    else:  # kilometre boxes: sort the keys of the valid pairs
+        rows, ws = valid.nonzero(as_tuple=True)
+        ukeys, inv = torch.unique(key[rows, ws], sorted=True, return_inverse=True)
+        n_out = int(ukeys.shape[0])
+        table = torch.full((n_out, k**3), -1, dtype=torch.long, device=device)
+        table[inv, ws] = rows
     out = torch.empty((n_out, 4), dtype=torch.long, device=device)
     rem = ukeys
     for i in range(4):  # unravel
         out[:, i] = torch.div(rem, st[i], rounding_mode="floor")
         rem = rem - out[:, i] * st[i]
     out[:, 0] += bmin
-    table = torch.full((n_out, k**3), -1, dtype=torch.long, device=device)
-    table[inv, ws] = rows
-    return KernelMap.from_table(table, n, min_chunk=min_chunk), out, out_range
+    return KernelMap.from_table(table, n, min_chunk=min_chunk), out, out_range  # host read 3 of 3
 

@@ -86,7 +86,7 @@ def sample_sparse_volume(feats: Tensor, coords: Tensor, points: Tensor, voxel_si
     u = torch.where(finite[:, None], u, torch.zeros_like(u)).clamp(-(2.0**40), 2.0**40)
     base = torch.floor(u)
     t = (u - base).to(feats.dtype)  # [M, 3]
-    bits = _BITS.to(points.device)  # [8, 3]
+    bits = _BITS  # [8, 3], on the CPU: lookup_offsets copies it without waiting for the device
     base = base.long()
     if coords.shape[1] == 4:
         base = torch.cat([torch.full_like(base[:, :1], batch), base], dim=1)

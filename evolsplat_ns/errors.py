@@ -9,6 +9,7 @@ raise and report these.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from contextlib import contextmanager
@@ -39,12 +40,38 @@ def error_text(e: BaseException) -> str:
     the path (the error names it already): 'missing file', 'a folder', 'PermissionError: Permission denied',
     'OSError: image file is truncated'."""
     if isinstance(e, FileNotFoundError):
-        return "missing file"
+        return missing_text(e.filename) if isinstance(e.filename, (str, Path)) else "missing file"
     if isinstance(e, IsADirectoryError):
         return "a folder"
     if isinstance(e, OSError) and e.strerror:
         return f"{type(e).__name__}: {e.strerror}"
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:160]
+
+
+def missing_text(path: Union[str, Path]) -> str:
+    """The 'got' part for a path that does not exist, with what it most likely is instead: 'a broken symbolic link
+    to <target>', 'a symbolic link loop', a Windows path ('\\' separators), a path without its extension (a file of
+    that name with one exists), else 'missing file'."""
+    p = Path(path)
+    if p.is_symlink():
+        try:
+            p.resolve(strict=True)
+        except RuntimeError:  # a loop (Python < 3.13)
+            return "a symbolic link loop"
+        except FileNotFoundError:
+            return f"a broken symbolic link to {os.readlink(p)}"
+        except OSError as e:
+            return "a symbolic link loop" if e.errno == errno.ELOOP else f"a symbolic link ({error_text(e)})"
+    if "\\" in str(p):
+        return "missing file (a Windows path? separate folders with '/')"
+    if not p.suffix:
+        try:
+            near = sorted(q.name for q in p.parent.iterdir() if q.name.startswith(p.name + ".") and q.is_file())
+        except OSError:
+            near = []
+        if near:
+            return f"missing file (found {near[0]}: a path without its extension?)"
+    return "missing file"
 
 
 class ConfigError(ValueError):

@@ -56,6 +56,33 @@ class InferArgs:
     verbose: bool = False
 
 
+def check_load_config(path: Path) -> None:
+    """``--load-config`` is the ``config.yml`` that ``ns-train`` wrote for an ``evolsplat-ff`` run: not its folder,
+    not other YAML (nerfstudio's ``eval_setup`` would fail with a bare ``AssertionError``), not another method's run."""
+    import yaml
+    from nerfstudio.engine.trainer import TrainerConfig
+
+    from evolsplat_ns.data.layouts.common import read_text
+    from evolsplat_ns.errors import DataValidationError
+
+    what = "the config.yml of a trained evolsplat-ff run (outputs/<experiment>/evolsplat-ff/<timestamp>/config.yml)"
+    if path.is_dir():
+        inner = path / "config.yml"
+        raise DataValidationError(path, "--load-config", what,
+                                  f"a folder (pass {inner})" if inner.is_file() else "a folder")
+    try:
+        config = yaml.load(read_text(path, what, "--load-config"), Loader=yaml.Loader)  # as eval_setup reads it
+    except yaml.YAMLError as e:
+        raise DataValidationError(path, "--load-config", what, f"not a config ({' '.join(str(e).split())[:120]})") \
+            from None
+    if not isinstance(config, TrainerConfig):
+        raise DataValidationError(path, "--load-config", what, f"YAML holding {type(config).__name__}, not a "
+                                  "TrainerConfig")
+    method = str(getattr(config, "method_name", ""))
+    if not method.startswith("evolsplat-ff"):
+        raise DataValidationError(path, "--load-config", what, f"a run of method {method!r}")
+
+
 def infer(args: InferArgs) -> Dict[str, object]:
     from nerfstudio.utils.eval_utils import eval_setup
 
@@ -69,6 +96,7 @@ def infer(args: InferArgs) -> Dict[str, object]:
     if not args.load_config.exists():
         raise DataValidationError(args.load_config, None, "an existing config.yml of a trained run")
     check_output(Path(args.output))  # before any long work
+    check_load_config(Path(args.load_config))  # a folder, other YAML, another method: named before any work
     holdouts = ("odd", "none", "Drop25", "Drop50", "Drop80", "Drop90")
     if args.holdout not in holdouts:  # a usage error (Python callers bypass tyro's check), not a bad checkpoint
         raise ConfigError(f"--holdout {args.holdout!r}: expected one of {', '.join(holdouts)}")

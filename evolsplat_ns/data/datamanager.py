@@ -176,6 +176,15 @@ class EvolSplatDataManager(DataManager):
                 self.index[sid] = idx
         self.train_scene_ids = [i for i in self.train_scene_ids if i in self.index]
         self.eval_scene_ids = [i for i in self.eval_scene_ids if i in self.index]
+        both = sorted(set(self.train_scene_ids) & set(self.eval_scene_ids))
+        if both and test_mode == "val":  # training (evaluation and inference may use one list for both)
+            logger.warning(
+                "scenes %s are both training and evaluation scenes (train_scene_ids %s, eval_scene_ids %s%s): "
+                "training sees their held-out frames, so their evaluation scores are not held-out scores; give "
+                "disjoint --pipeline.datamanager.dataparser.train-scene-ids / eval-scene-ids", both,
+                self.train_scene_ids, self.eval_scene_ids,
+                "; train_scene_ids unset and every scene is an evaluation scene, so all of them train"
+                if config.dataparser.train_scene_ids is None else "")
         if not self.train_scene_ids:
             raise DataValidationError(
                 config.dataparser.data, "train_scene_ids",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -21,13 +22,18 @@ import numpy as np
 from evolsplat_ns.cameras import intrinsics_matrix, opengl_to_opencv, rigid_inverse
 from evolsplat_ns.data.depth_check import NON_FINITE_DEPTH_KEY
 from evolsplat_ns.data.plausibility import check_intrinsics
-from evolsplat_ns.errors import DataValidationError, error_text
+from evolsplat_ns.errors import DataValidationError, error_text, missing_text
 from evolsplat_ns.data.records import SKY_0_IS_SKY, SKY_255_IS_SKY, ImageRecord, SceneRecord
 
 logger = logging.getLogger(__name__)
 
 TRANSFORMS = "transforms.json"
 _INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
+#: nerfstudio's ``camera_model`` values of a perspective (pinhole) projection; the rest (OPENCV_FISHEYE,
+#: EQUIRECTANGULAR, ...) cannot be rendered by a pinhole rasteriser.
+PINHOLE_MODELS = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV")
+#: nerfstudio's distortion keys: read, never applied (the images must be undistorted).
+DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2", "distortion_params")
 
 
 def find_scene_dirs(root: Path) -> List[Path]:
@@ -39,21 +45,58 @@ def find_scene_dirs(root: Path) -> List[Path]:
     if not root.exists():
         raise DataValidationError(root, None, "an existing data folder (a multi-scene root or a scene folder)")
     if not root.is_dir():
-        raise DataValidationError(root, None, "a folder, not a file")
+        raise not_a_folder(root)
     if (root / TRANSFORMS).exists():
         return [root]
-    subdirs = sorted(p for p in list_folder(root) if p.is_dir() and not p.name.startswith("."))
+    entries = list_folder(root)
+    subdirs = sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
+    check_transforms_links([root] + subdirs)
     scenes = [p for p in subdirs if (p / TRANSFORMS).exists()]
     if not scenes:
-        if subdirs:
-            raise DataValidationError(
-                root, None, f"scene sub-folders each holding {TRANSFORMS}", f"{len(subdirs)} folders without one"
-            )
-        raise DataValidationError(root, None, f"scene sub-folders with {TRANSFORMS}", "an empty folder")
+        raise no_scenes(root, entries, subdirs, f"scene sub-folders each holding {TRANSFORMS}",
+                        lambda d: (d / TRANSFORMS).exists())
     missing = [p.name for p in subdirs if not (p / TRANSFORMS).exists()]
     if missing:
         logger.warning("Ignoring %d folders of %s without %s: %s", len(missing), root, TRANSFORMS, ", ".join(missing))
     return scenes
+
+
+def not_a_folder(root: Path) -> DataValidationError:
+    """The error for a data root that is a file (``transforms.json`` itself, say): names the folder to pass."""
+    hint = f" (pass the folder holding it: {root.parent})" if root.name == TRANSFORMS else ""
+    return DataValidationError(root, None, "a folder (a scene folder or a folder of scenes)", f"a file{hint}")
+
+
+def check_transforms_links(folders: List[Path]) -> None:
+    """A ``transforms.json`` that is a broken symbolic link (or a loop) is named, rather than its scene being taken
+    for a folder without one."""
+    for d in folders:
+        link = d / TRANSFORMS
+        if link.is_symlink() and not link.exists():
+            raise DataValidationError(link, None, "the scene's transforms.json (a readable file)", missing_text(link))
+
+
+def no_scenes(root: Path, entries: List[Path], subdirs: List[Path], what: str, is_scene) -> DataValidationError:
+    """The error for a data root without scenes, saying what it holds instead: scene folders one level down (the
+    folder above the data root) or files (a scene's ``images/``); ``is_scene(folder)`` recognises a scene folder."""
+    if subdirs:
+        got = f"{len(subdirs)} folders without one"
+        for d in subdirs:
+            try:
+                inner = [q for q in d.iterdir() if q.is_dir() and not q.name.startswith(".")]
+            except OSError:
+                continue
+            if any(is_scene(q) for q in inner):
+                got += f" ({d.name} holds scene folders: pass --data {d})"
+                break
+        return DataValidationError(root, None, what, got)
+    files = [p for p in entries if not p.is_dir()]
+    if not files:
+        return DataValidationError(root, None, what, "an empty folder")
+    got = f"a folder of {len(files)} files and no scene folders"
+    if is_scene(root.parent):
+        got += f" (a folder inside the scene {root.parent.name}? pass --data {root.parent}, or its parent)"
+    return DataValidationError(root, None, what, got)
 
 
 def list_folder(folder: Path, field: Optional[str] = None) -> List[Path]:
@@ -103,35 +146,67 @@ def _pose(path: Path, where: str, value: Any) -> np.ndarray:
         raise DataValidationError(path, where, "finite values", "NaN or inf")
     R = T[:3, :3]
     if not np.allclose(R.T @ R, np.eye(3), atol=1e-3) or abs(np.linalg.det(R) - 1.0) > 1e-3:
-        raise DataValidationError(path, where, "a rigid camera-to-world transform (orthonormal rotation, det +1)")
+        norms = np.linalg.norm(R, axis=0)
+        det = float(np.linalg.det(R))
+        hint = " (a scaled pose: divide the rotation by its scale, and poses stay in metres)" if \
+            np.allclose(norms, norms[0], rtol=1e-3) and abs(norms[0] - 1.0) > 1e-3 and det > 0 else \
+            " (a mirror: a left-handed frame?)" if np.allclose(norms, 1.0, atol=1e-3) and det < 0 else ""
+        raise DataValidationError(path, where, "a rigid camera-to-world transform (orthonormal rotation, det +1)",
+                                  f"rotation columns of length {', '.join(f'{n:.4g}' for n in norms)}, "
+                                  f"det {det:.4g}{hint}")
     if not np.allclose(T[3], [0, 0, 0, 1], atol=1e-6):
         raise DataValidationError(path, where, "last row [0, 0, 0, 1]", T[3].tolist())
     return T
 
 
-def _image_size(path: Path, where: str, complete: bool = False) -> Tuple[int, int]:
-    """(w, h) from the image header (nothing decoded); with ``complete`` a PNG must also end with its IEND chunk."""
+def _image_size(path: Path, where: str, complete: bool = False, what: str = "image",
+                readable: Optional[str] = None) -> Tuple[int, int]:
+    """(w, h) from the image header (nothing decoded); with ``complete`` a PNG must also end with its IEND chunk.
+    ``what`` the file is ("image", "sky mask", "depth map") and ``readable`` what a file PIL cannot identify should
+    have been, for the messages."""
     from PIL import Image, UnidentifiedImageError
 
+    art = "an" if what[0] in "aeiou" else "a"
     if not path.exists():
-        raise DataValidationError(path, where, "an existing image file", "missing file")
+        raise DataValidationError(path, where, f"an existing {what} file", missing_text(path))
     if path.is_dir():
-        raise DataValidationError(path, where, "an image file", "a folder")
+        raise DataValidationError(path, where, f"{art} {what} file", "a folder")
     try:
         with Image.open(path) as im:  # reads the header only
             size, fmt = im.size, im.format  # (w, h)
-    except UnidentifiedImageError as e:
-        raise DataValidationError(path, where, "a readable image", type(e).__name__) from None
+    except UnidentifiedImageError:
+        raise DataValidationError(path, where, readable or f"a readable {what} (in a format PIL reads)",
+                                  not_an_image(path)) from None
+    except Image.DecompressionBombError as e:  # a header declaring a gigantic image (a corrupt or hostile file)
+        declared = str(e).split("(")[1].split(")")[0] if "(" in str(e) else str(e)
+        raise DataValidationError(path, where, f"{art} {what} of at most {2 * Image.MAX_IMAGE_PIXELS} pixels (PIL's "
+                                  "decompression-bomb limit)", f"a header declaring {declared} in a file of "
+                                  f"{path.stat().st_size} bytes (a corrupt file?)") from None
     except OSError as e:
-        raise DataValidationError(path, where, "a readable image", error_text(e)) from None
+        raise DataValidationError(path, where, f"a readable {what}", error_text(e)) from None
     if complete and fmt == "PNG":
         _check_png_complete(path, where)
     return size
 
 
+def not_an_image(path: Path) -> str:
+    """The 'got' part for a file PIL does not recognise: its size and first bytes (text shows as text)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        size = path.stat().st_size
+    except OSError as e:
+        return error_text(e)
+    return f"a file of {size} bytes that is not an image (starting with {head!r})" if size else "an empty file"
+
+
+_DEPTH_FILE = "a depth map: a .npy array in metres, or a 16-bit PNG in millimetres"
+
+
 def _depth_shape(path: Path, where: str) -> Tuple[int, int]:
     if not path.exists():
-        raise DataValidationError(path, where, "an existing depth file (.npy metres or 16-bit .png millimetres)", "missing")
+        raise DataValidationError(path, where, "an existing depth file (.npy metres or 16-bit .png millimetres)",
+                                  missing_text(path))
     if path.is_dir():
         raise DataValidationError(path, where, "a depth file (.npy metres or 16-bit .png millimetres)", "a folder")
     if path.suffix == ".npy":
@@ -147,7 +222,7 @@ def _depth_shape(path: Path, where: str) -> Tuple[int, int]:
         if len(shape) != 2:
             raise DataValidationError(path, where, "a depth map of shape [H, W]", f"shape {arr.shape}")
         return (shape[1], shape[0])
-    return _image_size(path, where, complete=True)
+    return _image_size(path, where, complete=True, what="depth map", readable=_DEPTH_FILE)
 
 
 def _check_depth_file(path: Path, where: str, non_finite: str) -> None:
@@ -160,6 +235,29 @@ def _check_depth_file(path: Path, where: str, non_finite: str) -> None:
     # unit (median depth) and, in read_depth, the bit depth / dtype
     d = check_depth_values(read_depth(path, check_values=False), path, where, non_finite)  # type: ignore[arg-type]
     check_depth_unit(d, path, "npy" if path.suffix == ".npy" else "png")
+
+
+def _check_camera_model(tf_path: Path, meta: dict, frames: list) -> None:
+    """A pinhole ``camera_model`` (error otherwise: a fisheye image rendered as a pinhole one is wrong everywhere);
+    non-zero distortion coefficients are not applied (one warning naming them: undistort the images first)."""
+    where_model = [("camera_model", meta.get("camera_model"))] + [
+        (f"frames[{i}].camera_model", f.get("camera_model")) for i, f in enumerate(frames) if isinstance(f, dict)]
+    for field_name, model in where_model:
+        if model is not None and (not isinstance(model, str) or model.upper() not in PINHOLE_MODELS):
+            raise DataValidationError(tf_path, field_name, f"a pinhole camera model ({', '.join(PINHOLE_MODELS)}; "
+                                      "images undistorted to pinhole)", f"{model!r} (not supported: undistort the "
+                                      "images to a pinhole camera first)")
+    found = []
+    for prefix, d in [("", meta)] + [(f"frames[{i}].", f) for i, f in enumerate(frames) if isinstance(f, dict)]:
+        for k in DISTORTION_KEYS:
+            v = d.get(k)
+            vals = v if isinstance(v, list) else [v]
+            if v is not None and any(not isinstance(x, (int, float)) or x != 0 for x in vals):
+                found.append(f"{prefix}{k}={v!r}")
+    if found:
+        logger.warning("%s: distortion %s%s is not applied (the model projects with a pinhole camera): undistort the "
+                       "images (and drop the coefficients) or geometry is off towards the image borders", tf_path,
+                       ", ".join(found[:4]), f" (and {len(found) - 4} more)" if len(found) > 4 else "")
 
 
 def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True, check_depth_values: bool = True,
@@ -186,8 +284,10 @@ def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True, check_
     if convention not in (SKY_255_IS_SKY, SKY_0_IS_SKY):
         raise DataValidationError(tf_path, "sky_mask_convention", f"'{SKY_255_IS_SKY}' or '{SKY_0_IS_SKY}'", convention)
 
+    _check_camera_model(tf_path, meta, frames)
     n_cams_declared = len({repr(f.get("camera", 0)) for f in frames if isinstance(f, dict)})
     parsed = []
+    seen_paths: Dict[str, int] = {}
     for i, fr in enumerate(frames):
         where = f"frames[{i}]"
         if not isinstance(fr, dict):
@@ -198,6 +298,11 @@ def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True, check_
             if (k == "file_path" or fr.get(k)) and not (isinstance(fr.get(k), str) and fr.get(k)):
                 raise DataValidationError(tf_path, f"{where}.{k}", "a file path (a string) relative to the scene "
                                           "folder", repr(fr.get(k))[:60])
+        key = os.path.normpath(fr["file_path"])
+        if key in seen_paths:  # one image, two poses (or timesteps): at most one can be right
+            raise DataValidationError(tf_path, f"{where}.file_path", "each image in one frame only",
+                                      f"{fr['file_path']!r} again (also frames[{seen_paths[key]}].file_path)")
+        seen_paths[key] = i
         if "transform_matrix" not in fr:
             raise DataValidationError(tf_path, f"{where}.transform_matrix", "a 4x4 OpenGL camera-to-world matrix")
         intr = {}
@@ -266,7 +371,7 @@ def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True, check_
                 if check_depth_values:
                     _check_depth_file(depth_path, f"{where}.depth_file_path", non_finite_depth)
             if check_files and sky_path is not None:
-                ssize = _image_size(sky_path, f"{where}.sky_mask_path", complete=True)
+                ssize = _image_size(sky_path, f"{where}.sky_mask_path", complete=True, what="sky mask")
                 if ssize != (w, h):
                     raise DataValidationError(sky_path, f"{where}.sky_mask_path", f"a mask of {w}x{h} like its image", f"{ssize[0]}x{ssize[1]}")
             c2w = align @ opengl_to_opencv(c2w_gl)
@@ -294,8 +399,13 @@ def parse_scene(scene_dir: Path, scene_id: int, check_files: bool = True, check_
     if check_files and ply_path is not None:
         from evolsplat_ns.pointcloud.plyio import check_ply
 
-        check_ply(ply_path, "ply_file_path")  # header against the file size: a cut or lying PLY is named now
+        if check_ply(ply_path, "ply_file_path") == 0:  # header against the file size: a cut or lying PLY is named now
+            raise DataValidationError(ply_path, "ply_file_path", "a seed point cloud with at least one vertex",
+                                      "0 vertices (an empty PLY; drop ply_file_path to go without one)")
     names = meta.get("camera_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise DataValidationError(tf_path, "camera_names", "a list of camera names indexed by camera id, e.g. "
+                                  '["front", "front_left"]', repr(names)[:60])
     return SceneRecord(
         scene_id=scene_id,
         name=scene_dir.name,

@@ -66,7 +66,71 @@ def image_to_rgb8(im, path: Optional[Path]) -> np.ndarray:
             raise DataValidationError(path, "file_path", "a float image with values in [0, 1]",
                                       f"values in [{np.nanmin(a):g}, {np.nanmax(a):g}]")
         return np.repeat(np.round(a * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    _warn_transparency(im, path)
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+_TRANSPARENCY_WARNED: set = set()
+
+
+def _warn_transparency(im, path: Optional[Path]) -> None:
+    """Alpha is dropped when an image is read: transparent pixels are read as whatever RGB they hold (often
+    black). One warning per folder of images that have transparent pixels."""
+    if not ("A" in im.getbands() or (im.mode == "P" and "transparency" in im.info)):
+        return
+    alpha = np.asarray(im.convert("RGBA").getchannel("A") if im.mode == "P" else im.getchannel("A"))
+    frac = float(np.mean(alpha < 255)) if alpha.size else 0.0
+    folder = str(Path(path).parent) if path is not None else None
+    if frac > 0 and folder not in _TRANSPARENCY_WARNED:
+        _TRANSPARENCY_WARNED.add(folder)
+        logger.warning("%s: %.1f%% of its pixels are transparent (alpha < 255); alpha is ignored, so they are read as "
+                       "the RGB values they hold (often black) and supervise the model as such: flatten or crop the "
+                       "images (further images of %s with transparency are not reported)", path, 100 * frac, folder)
+
+
+#: Colour masks: a pixel whose channels differ by more than this is coloured; a mask with more than
+#: SKY_MASK_COLOURED_FRACTION of such pixels is a colour image (a colour-coded segmentation), not a mask.
+SKY_MASK_CHANNEL_SPREAD = 32
+SKY_MASK_COLOURED_FRACTION = 0.01
+
+
+def read_sky_mask(path: Path, convention: Optional[str] = None, field: str = "sky_mask_path") -> np.ndarray:
+    """``[H, W]`` uint8 of a sky mask (colour masks are read as their luminance). A colour image (channels that
+    differ: a colour-coded segmentation) is an error; under a binary ``convention`` (``255_is_sky`` /
+    ``0_is_sky``) so is a mask that is not blank but has no value >= 128 (a 0/1 mask, or a label map), which would
+    read as no sky at all (or all sky). A file that cannot be decoded is named too."""
+    from PIL import Image
+
+    from evolsplat_ns.data.records import SKY_0_IS_SKY, SKY_255_IS_SKY
+    from evolsplat_ns.errors import error_text
+
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
+                rgb = np.asarray(im.convert("RGB"), dtype=np.int16)
+                spread = rgb.max(axis=-1) - rgb.min(axis=-1)
+                coloured = spread > SKY_MASK_CHANNEL_SPREAD
+                if coloured.mean() > SKY_MASK_COLOURED_FRACTION:
+                    example = tuple(int(v) for v in rgb[np.unravel_index(np.argmax(spread), spread.shape)])
+                    raise DataValidationError(path, field, "a greyscale sky mask (one channel, 255 = sky unless "
+                                              "sky_mask_convention says otherwise)", f"a colour image ({im.mode}, "
+                                              f"{100 * coloured.mean():.0f}% of its pixels coloured, e.g. RGB "
+                                              f"{example}): a colour-coded segmentation?")
+            mask = np.asarray(im.convert("L"), dtype=np.uint8).copy()
+    except DataValidationError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreadable, cut or corrupt (OSError, ValueError, SyntaxError, ...)
+        raise DataValidationError(path, field, "a readable image (a sky mask)", error_text(e)) from None
+    if convention in (SKY_255_IS_SKY, SKY_0_IS_SKY):
+        top = int(mask.max(initial=0))
+        if 0 < top < 128:
+            values = np.unique(mask)
+            shown = ", ".join(str(int(v)) for v in values[:6]) + (" ..." if len(values) > 6 else "")
+            raise DataValidationError(path, field, f"a binary mask of 0 and 255 ({convention}: values >= 128 are "
+                                      f"{'sky' if convention == SKY_255_IS_SKY else 'not sky'})",
+                                      f"values {shown} only, none >= 128 (a 0/1 mask, or a label map? it would read "
+                                      f"as {'no' if convention == SKY_255_IS_SKY else 'all'} sky)")
+    return mask
 
 
 def check_depth_png_mode(im, path: Optional[Path]) -> None:
@@ -79,8 +143,10 @@ def check_depth_png_mode(im, path: Optional[Path]) -> None:
 def check_depth_npy_dtype(d: np.ndarray, path: Optional[Path]) -> None:
     """A ``.npy`` depth map holds float metres."""
     if d.dtype.kind not in "f":
+        hint = "millimetres stored as integers? divide by 1000 and save float" if d.dtype.kind in "iu" else \
+            "a validity mask, not depth?" if d.dtype.kind == "b" else "not a depth map in metres"
         raise DataValidationError(path, "depth_file_path", "a float .npy in metres (or a 16-bit PNG in millimetres)",
-                                  f"dtype {d.dtype} (millimetres stored as integers? divide by 1000 and save float)")
+                                  f"dtype {d.dtype} ({hint})")
 
 
 def check_depth_unit(depth_m: np.ndarray, path: Optional[Path], source: str) -> None:
@@ -196,7 +262,7 @@ _TIMESTAMP_FILES: Dict[str, Tuple[Callable[[Path], Path], Callable[[int], str]]]
 }
 
 
-def check_scene(scene, downscale: float = 1.0) -> None:
+def check_scene(scene, downscale: float = 1.0, check_files: bool = True) -> None:
     """Start-up plausibility of a parsed (and down-scaled) scene, any layout: every image at least
     :data:`MIN_IMAGE_SIDE` px on each side (error) and, below :data:`SSIM_WINDOW`, a warning that SSIM uses a smaller
     window; where the layout gives timestamps, per camera: one per pose, finite and strictly increasing
@@ -218,6 +284,11 @@ def check_scene(scene, downscale: float = 1.0) -> None:
                        "the SSIM metric use a %d px window, so SSIM values are not comparable with the usual SSIM",
                        scene.name, smallest.width, smallest.height, smallest.image_path.name,
                        f", downscale {downscale:g}" if downscale != 1.0 else "", SSIM_WINDOW, win)
+    if check_files:  # masks of one camera come from one tool: its first mask (decoded) shows a wrong format now
+        for cam in scene.camera_ids:
+            first = next((r for r in scene.images if r.camera_id == cam and r.sky_mask_path is not None), None)
+            if first is not None:
+                read_sky_mask(first.sky_mask_path, scene.sky_mask_convention)
     _check_scene_timestamps(scene)
 
 

@@ -34,7 +34,7 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return image_to_rgb8(im, path)  # 16-bit greyscale scaled, not clipped to white
-    except (OSError, ValueError, SyntaxError) as e:  # e.g. truncated pixel data behind a valid header
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # e.g. cut pixel data
         if isinstance(e, DataValidationError):
             raise
         raise DataValidationError(path, "file_path", "a readable image", error_text(e)) from None

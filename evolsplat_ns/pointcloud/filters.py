@@ -67,17 +67,12 @@ def _untimed(stage: str) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """[H, W] uint8 (single channel; colour masks are converted to luminance)."""
-    from PIL import Image
+def read_mask(path: Path, convention: Optional[str] = None) -> np.ndarray:
+    """[H, W] uint8 (single channel); a colour image, or under a binary ``convention`` a mask without a value
+    >= 128 that is not blank, is an error (:func:`evolsplat_ns.data.plausibility.read_sky_mask`)."""
+    from evolsplat_ns.data.plausibility import read_sky_mask
 
-    from evolsplat_ns.errors import DataValidationError, error_text
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L"), dtype=np.uint8).copy()
-    except Exception as e:  # noqa: BLE001 - unreadable, cut or corrupt (OSError, ValueError, SyntaxError, ...)
-        raise DataValidationError(path, "sky_mask_path", "a readable image (a sky mask)", error_text(e)) from None
+    return read_sky_mask(path, convention)
 
 
 def sky_from_mask(mask: np.ndarray, convention: str) -> np.ndarray:

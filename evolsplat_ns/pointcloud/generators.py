@@ -429,7 +429,8 @@ class MonocularRGBPointCloudGenerator(RGBPointCloudGenerator):
                 valid = np.isfinite(d) & (d > 0)
                 if opts.filter_sky:
                     if rec.sky_mask_path is not None:
-                        mask = _fit(filters.read_mask(rec.sky_mask_path), rec, rec.sky_mask_path)
+                        mask = _fit(filters.read_mask(rec.sky_mask_path, scene.sky_mask_convention), rec,
+                                    rec.sky_mask_path)
                         if mask.shape != depth.shape:
                             raise DataValidationError(rec.sky_mask_path, "sky mask",
                                                       f"a mask of {depth.shape[1]}x{depth.shape[0]}", mask.shape)
@@ -555,8 +556,9 @@ class LidarRGBPointCloudGenerator(RGBPointCloudGenerator):
             images = [_sized(_fit(_read_rgb(r.image_path), r, r.image_path), r, r.image_path, "image") for r in recs]
             sky = None
             if opts.filter_sky:
-                sky = [filters.sky_from_mask(_sized(_fit(filters.read_mask(r.sky_mask_path), r, r.sky_mask_path), r,
-                                                    r.sky_mask_path, "sky mask"), scene.sky_mask_convention)
+                sky = [filters.sky_from_mask(_sized(_fit(filters.read_mask(r.sky_mask_path, scene.sky_mask_convention),
+                                                         r, r.sky_mask_path), r, r.sky_mask_path, "sky mask"),
+                                             scene.sky_mask_convention)
                        if r.sky_mask_path is not None else None for r in recs]
             return pts, recs, images, sky
 

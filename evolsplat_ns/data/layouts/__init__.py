@@ -90,19 +90,24 @@ def find_layout_scenes(root: Path, layout: str = "auto") -> List[Tuple[Path, str
     if not root.exists():
         raise DataValidationError(root, None, "an existing data folder (a scene folder or a folder of scenes)")
     if not root.is_dir():
-        raise DataValidationError(root, None, "a folder, not a file")
+        from evolsplat_ns.data.dataparser import not_a_folder
+
+        raise not_a_folder(root)
 
     def kind(d: Path) -> Optional[str]:
         if layout == "auto":
             return detect_layout(d)
         return layout if DETECTORS[layout](d) else None
 
+    from evolsplat_ns.data.dataparser import check_transforms_links, list_folder, no_scenes
+
+    check_transforms_links([root])
     k = kind(root)
     if k is not None:
         return [(root, k)]
-    from evolsplat_ns.data.dataparser import list_folder
-
-    subdirs = sorted(p for p in list_folder(root) if p.is_dir() and not p.name.startswith("."))
+    entries = list_folder(root)
+    subdirs = sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
+    check_transforms_links(subdirs)
     scenes = [(p, kind(p)) for p in subdirs]
     found = [(p, k) for p, k in scenes if k is not None]
     if not found:
@@ -110,7 +115,8 @@ def find_layout_scenes(root: Path, layout: str = "auto") -> List[Tuple[Path, str
                 "extrinsics/ (drivestudio), camera/<name>_camera/ (pandaset) or image_02/data + oxts/data (kitti-raw)")
         if layout != "auto":
             what = f"scene sub-folders of the '{layout}' layout"
-        raise DataValidationError(root, None, what, f"{len(subdirs)} folders without one" if subdirs else "an empty folder")
+        # what the folder holds instead: scene folders one level down, or files (a scene's images/)
+        raise no_scenes(root, entries, subdirs, what, lambda d: kind(d) is not None)
     skipped = [p.name for p, k in scenes if k is None]
     if skipped:
         logger.warning("Ignoring %d folders of %s that are no scene: %s", len(skipped), root, ", ".join(skipped))
@@ -153,7 +159,8 @@ def load_layout_scenes(
         else:
             scene = PARSERS[kind](d, i, opts)
         out.append(downscale_scene(scene, float(opts.downscale)))
-        plausibility.check_scene(out[-1], float(opts.downscale))  # image size, timestamps vs poses (issue 18)
+        # image size, timestamps vs poses, the first sky mask of each camera (issue 18)
+        plausibility.check_scene(out[-1], float(opts.downscale), check_files=opts.check_files)
     return out
 
 

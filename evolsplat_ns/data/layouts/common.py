@@ -173,19 +173,21 @@ def build_scene(
                        sky_mask_convention=sky_mask_convention, front_camera_id=front, metadata=meta)
 
 
-def image_size(path: Path, where: str, complete: bool = False) -> Tuple[int, int]:
+def image_size(path: Path, where: str, complete: bool = False, what: str = "image") -> Tuple[int, int]:
     """(w, h) from the image header; a missing or unreadable file is a :class:`DataValidationError`; with
-    ``complete`` a PNG must also end with its IEND chunk (a truncated sky mask or depth map is named at start-up)."""
+    ``complete`` a PNG must also end with its IEND chunk (a truncated sky mask or depth map is named at start-up);
+    ``what`` the file is, for the messages."""
     from evolsplat_ns.data.dataparser import _image_size
 
-    return _image_size(path, where, complete=complete)
+    return _image_size(path, where, complete=complete, what=what)
 
 
 def read_text(path: Path, what: str, field: Optional[str] = None) -> str:
-    """The text of a user's file (UTF-8). Every way it cannot be read — missing, a folder, not UTF-8, not readable
-    (permissions, I/O) — is a :class:`DataValidationError` naming the file, ``field`` and ``what`` was expected."""
+    """The text of a user's file (UTF-8; a leading byte-order mark, as Windows editors write, is dropped). Every way
+    it cannot be read — missing, a folder, not UTF-8, not readable (permissions, I/O) — is a
+    :class:`DataValidationError` naming the file, ``field`` and ``what`` was expected."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataValidationError(path, field, f"{what} (UTF-8 text)",
                                   f"undecodable bytes (0x{e.object[e.start]:02x} at byte {e.start})") from None
@@ -237,7 +239,7 @@ def check_camera_sizes(raws: Sequence[RawImage], check_files: bool) -> None:
             raise DataValidationError(r.image_path, "image size", f"{r.width}x{r.height} (from the calibration / "
                                       f"the camera's first image)", f"{size[0]}x{size[1]}")
         if r.sky_mask_path is not None:
-            ssize = image_size(r.sky_mask_path, "sky mask", complete=True)
+            ssize = image_size(r.sky_mask_path, "sky mask", complete=True, what="sky mask")
             if ssize != size:
                 raise DataValidationError(r.sky_mask_path, "sky mask", f"a mask of {size[0]}x{size[1]} like its image",
                                           f"{ssize[0]}x{ssize[1]}")

@@ -53,7 +53,7 @@ CAMERA_NAMES = {0: "image_00", 1: "image_01"}  # KITTI-360's two front cameras (
 
 def _meta(d: Path) -> Optional[dict]:
     try:
-        meta = json.loads((d / TRANSFORMS).read_text(encoding="utf-8"))
+        meta = json.loads((d / TRANSFORMS).read_text(encoding="utf-8-sig"))  # as read_text: a BOM is dropped
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) else None

@@ -523,3 +523,37 @@ def _surface_ids(p: np.ndarray) -> np.ndarray:
     sid[np.isclose(p[:, 0], X_BACK)] = 3
     sid[np.isclose(p[:, 0], X_FAR)] = 4
     return sid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checking one-line user errors on loaded data (tests/test_bad_files.py, tests/test_bad_inputs_round3.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load(root: Path, **opts):
+    """Every scene of the data root ``root`` as the dataparser loads them (``LayoutOptions(**opts)``)."""
+    from evolsplat_ns.data.layouts import LayoutOptions, load_layout_scenes
+
+    return load_layout_scenes(root, LayoutOptions(**opts))
+
+
+def error_of(fn, *args, **kw) -> str:
+    """The one-line message of the DataValidationError ``fn(*args, **kw)`` raises."""
+    import pytest
+
+    from evolsplat_ns.errors import DataValidationError
+
+    with pytest.raises(DataValidationError) as ei:
+        fn(*args, **kw)
+    msg = str(ei.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def assert_names(msg: str, path: Path, *words: str) -> None:
+    """``msg`` names ``path`` (as given or normalised) and contains every one of ``words``."""
+    import os
+
+    assert str(Path(os.path.normpath(path))) in msg or str(path) in msg, (path, msg)
+    for w in words:
+        assert w in msg, (w, msg)

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evolsplat_ns.data.layouts import LayoutOptions, load_layout_scenes
-from evolsplat_ns.errors import DataValidationError
-from layout_fixtures import write_drivestudio, write_kitti_calib, write_kitti_drive, write_pandaset, write_reference
+from evolsplat_ns.data.layouts import load_layout_scenes
+from layout_fixtures import (assert_names, error_of, load, write_drivestudio, write_kitti_calib, write_kitti_drive,
+                             write_pandaset, write_reference)
 from scene_fixtures import write_scene
 
 BAD_UTF8 = b'{"frames": "\xff\xfe\xfa not utf-8"}'
@@ -84,25 +84,6 @@ FILES = {
 
 def _layout_of(case: str) -> str:
     return next(k for k in LAYOUTS if case == k or case.startswith(k + "-"))
-
-
-def load(root: Path, **opts):
-    return load_layout_scenes(root, LayoutOptions(**opts))
-
-
-def error_of(fn, *args, **kw) -> str:
-    """The one-line message of the DataValidationError ``fn`` raises."""
-    with pytest.raises(DataValidationError) as ei:
-        fn(*args, **kw)
-    msg = str(ei.value)
-    assert "\n" not in msg, msg
-    return msg
-
-
-def assert_names(msg: str, path: Path, *words: str) -> None:
-    assert str(Path(os.path.normpath(path))) in msg or str(path) in msg, (path, msg)
-    for w in words:
-        assert w in msg, (w, msg)
 
 
 @pytest.fixture

@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evolsplat_ns.data.layouts import LayoutOptions, load_layout_scenes
-from evolsplat_ns.errors import DataValidationError
+from layout_fixtures import assert_names, error_of, load
 from scene_fixtures import write_root, write_scene
 
 
@@ -37,24 +36,6 @@ def _root(tmp: Path, mutate=None, after=None, **kw) -> Path:
     if after is not None:
         after(d)
     return tmp / "root"
-
-
-def load(root: Path, **opts):
-    return load_layout_scenes(root, LayoutOptions(**opts))
-
-
-def error_of(fn, *args, **kw) -> str:
-    with pytest.raises(DataValidationError) as ei:
-        fn(*args, **kw)
-    msg = str(ei.value)
-    assert "\n" not in msg, msg
-    return msg
-
-
-def assert_names(msg: str, path: Path, *words: str) -> None:
-    assert str(path) in msg, (str(path), msg)
-    for w in words:
-        assert w in msg, (w, msg)
 
 
 def _png_header_only(w: int, h: int) -> bytes:

@@ -160,9 +160,14 @@ def test_viewer_refresh_during_training(data_root, tmp_path):
             shows.append((pipe.train_step.shared_extractions, sid, seg))  # train steps so far
             return show(sid, seg)
 
-        def gui_pick():  # what viser's GUI thread does on a change: the viewer's wrapper takes the train lock
+        def gui_pick():
+            # A change of the dropdown's value runs its callbacks on viser's executor thread, as a browser's pick
+            # does (the viewer's wrapper takes the train lock there). Calling the hook here as well would pick
+            # twice, the second time at a moment the load decides (a second reconstruction: flaky under load).
             dd.value = label
-            dd.cb_hook(dd)
+            deadline = time.monotonic() + 60
+            while pipe.display.picker.choice != key and time.monotonic() < deadline:
+                time.sleep(0.01)
 
         def between_steps(step):  # the trainer calls this outside its train lock, after each iteration
             update(step)

@@ -88,7 +88,7 @@ def infer(args: InferArgs) -> Dict[str, object]:
 
     from evolsplat_ns.atomic import write_atomic
     from evolsplat_ns.errors import ConfigError, DataValidationError
-    from evolsplat_ns.data.layouts import find_layout_scenes
+    from evolsplat_ns.data.layouts import HOLDOUT_MODES, find_layout_scenes
     from evolsplat_ns.export.ply import write_gaussian_ply
     from evolsplat_ns.export.world_frame import to_data_world
     from evolsplat_ns.pipeline.evaluation import evaluate
@@ -97,9 +97,8 @@ def infer(args: InferArgs) -> Dict[str, object]:
         raise DataValidationError(args.load_config, None, "an existing config.yml of a trained run")
     check_output(Path(args.output))  # before any long work
     check_load_config(Path(args.load_config))  # a folder, other YAML, another method: named before any work
-    holdouts = ("odd", "none", "Drop25", "Drop50", "Drop80", "Drop90")
-    if args.holdout not in holdouts:  # a usage error (Python callers bypass tyro's check), not a bad checkpoint
-        raise ConfigError(f"--holdout {args.holdout!r}: expected one of {', '.join(holdouts)}")
+    if args.holdout not in HOLDOUT_MODES:  # a usage error (Python callers bypass tyro's check), not a bad checkpoint
+        raise ConfigError(f"--holdout {args.holdout!r}: expected one of {', '.join(HOLDOUT_MODES)}")
     n_scenes = len(find_layout_scenes(args.data, "auto"))  # any layout (multiscene, reference, drivestudio, ...)
 
     def retarget(config):

@@ -175,8 +175,8 @@ SSIM_WINDOW = 11
 """The usual SSIM window, px (pytorch_msssim's and torchmetrics' default; published SSIM numbers use it)."""
 MIN_IMAGE_SIDE = 3
 """Smallest image side, px, the loss and the metrics can use. The model shrinks the SSIM window to fit a small image
-(:func:`ssim_window`, as ``evolsplat_ns.model.evolsplat._ssim_window``) but not below 3 px: under it pytorch_msssim
-skips its Gaussian filter (a warning at every step) or fails."""
+(:func:`ssim_window`, which the model's loss and metrics use) but not below 3 px: under it pytorch_msssim skips its
+Gaussian filter (a warning at every step) or fails."""
 
 
 def ssim_window(h: int, w: int) -> int:

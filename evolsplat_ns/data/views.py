@@ -34,9 +34,9 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return image_to_rgb8(im, path)  # 16-bit greyscale scaled, not clipped to white
+    except DataValidationError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # e.g. cut pixel data
-        if isinstance(e, DataValidationError):
-            raise
         raise DataValidationError(path, "file_path", "a readable image", error_text(e)) from None
 
 

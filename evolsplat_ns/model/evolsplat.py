@@ -30,6 +30,7 @@ from torch.nn import Parameter
 
 from evolsplat_ns.cameras import from_nerfstudio_cameras
 from evolsplat_ns.data.batch import SegmentBatch, Views
+from evolsplat_ns.data.plausibility import ssim_window as _ssim_window  # the rule start-up checks
 from evolsplat_ns.model.background import HemisphereBackground
 from evolsplat_ns.model.heads import GaussianHeads, view_inputs
 from evolsplat_ns.model.render import visible_gaussians
@@ -487,11 +488,3 @@ class EvolSplatModel(Model):
 
 def _no_stage(name: str) -> ContextManager:
     return contextlib.nullcontext()
-
-
-def _ssim_window(h: int, w: int) -> int:
-    """pytorch_msssim needs the window to fit the image; 11 (the default) unless the image is tiny."""
-    win = 11
-    while win > 3 and (win > h or win > w):
-        win -= 2
-    return win

@@ -37,9 +37,10 @@ import torch
 from evolsplat_ns.atomic import write_atomic
 from evolsplat_ns.data.records import SceneRecord
 from evolsplat_ns.data.scene_index import Segment
+from evolsplat_ns.errors import DataValidationError
 from evolsplat_ns.pointcloud.generators import RGBPointCloudGenerator, make_generator
 from evolsplat_ns.pointcloud.options import InputFrames, PointCloudOptions
-from evolsplat_ns.pointcloud.plyio import quantise_colours
+from evolsplat_ns.pointcloud.plyio import check_ply, quantise_colours
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +90,10 @@ def read_entry(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     if v.dtype.names != expected.names:
         raise CacheEntryError(f"fields {v.dtype.names}, expected {expected.names}")
     data = np.asarray(v).astype(expected, copy=False)
-    with open(path, "rb") as f:
-        head = f.read(65536)
-    end = head.find(b"end_header\n")
-    size = path.stat().st_size
-    if end < 0 or size != end + len(b"end_header\n") + data.nbytes:
-        raise CacheEntryError(f"{size} bytes, not what its header promises ({len(data)} vertices)")
+    try:
+        check_ply(path)  # the file exactly as long as its header declares
+    except DataValidationError as e:
+        raise CacheEntryError(f"{e.got}: not what its header promises ({len(data)} vertices)") from None
     if hashlib.sha256(data.tobytes()).hexdigest() != digests[0]:
         raise CacheEntryError("content does not match its digest")
     pts = np.stack([data["x"], data["y"], data["z"]], axis=1).astype(np.float32)

@@ -84,6 +84,9 @@ def load_weights(model, checkpoint: Path) -> dict:
                                                                   weights_only=True)["step"])}
 
 
+SPARSE_CONV_IMPL = "auto"  # --sparse-conv-impl: how the U-Net's convolutions run (EvolSplatModelConfig.sparse_conv_impl)
+
+
 def build_model(device, points, volume_sampling="sparse", volume_aabb=None, bg_points=700 * 700, weights=None):
     from nerfstudio.data.scene_box import SceneBox
 
@@ -91,7 +94,7 @@ def build_model(device, points, volume_sampling="sparse", volume_aabb=None, bg_p
     from evolsplat_ns.pointcloud.init import init_gaussians
 
     cfg = EvolSplatModelConfig(num_source_views=3, volume_sampling=volume_sampling, volume_aabb=volume_aabb,
-                               bg_num_points=bg_points)
+                               bg_num_points=bg_points, sparse_conv_impl=SPARSE_CONV_IMPL)
     model = cfg.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1,
                       metadata={"num_source_views": 3}).to(device)
     g = init_gaussians(points.cpu().float().numpy(), torch.rand(len(points), 3).numpy(), sh_degree=1, seed=0,
@@ -178,7 +181,11 @@ def main():
     ap.add_argument("--out", default="outputs/bench_model.json")
     ap.add_argument("--weights", type=Path, default=None,
                     help="an evolsplat-ff checkpoint (3 source views) whose network weights are measured")
+    ap.add_argument("--sparse-conv-impl", default="auto", choices=["auto", "gather", "igemm"],
+                    help="how the U-Net's convolutions run (model option sparse_conv_impl)")
     args = ap.parse_args()
+    global SPARSE_CONV_IMPL
+    SPARSE_CONV_IMPL = args.sparse_conv_impl
     device = torch.device(args.device)
     iters, warm = (2, 1) if args.quick else (args.iters, 2)
     torch.manual_seed(0)
@@ -190,7 +197,8 @@ def main():
                          views([1.5, 2.0, 2.5, 3.5, 4.0, 4.5, 5.5, 6.0, 6.5, 2.2, 3.7, 5.2], H, W, device, 2),
                          True)
     report = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor(),
-              "torch": torch.__version__, "image": [H, W], "source_views": 3}
+              "torch": torch.__version__, "image": [H, W], "source_views": 3,
+              "sparse_conv_impl": args.sparse_conv_impl}
     model = build_model(device, pts, bg_points=700 * 700 if not args.quick else 20000)
     report["weights"] = load_weights(model, args.weights) if args.weights else "untrained (random initialisation)"
     model.train()

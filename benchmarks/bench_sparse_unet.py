@@ -98,6 +98,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 3 CUDA / 1 CPU)")
     ap.add_argument("--sample-points", type=int, default=None, help="points sampled (default: number of points)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--impl", default="auto", choices=["auto", "gather", "igemm"],
+                    help="how the convolutions run (SparseUNet impl: auto = igemm on CUDA, gather elsewhere)")
     ap.add_argument("--out", default="outputs/bench_sparse_unet.json", help="JSON output path")
     args = ap.parse_args(argv)
 
@@ -114,7 +116,7 @@ def main(argv=None) -> dict:
     res_vox = timed(lambda: voxelize(pts, colours, args.voxel_size), max(1, iters // 2), 1, device)
     vox = voxelize(pts, colours, args.voxel_size)
     feats = vox.feats.to(dtype)
-    net = SparseUNet(3, 16).to(device=device, dtype=dtype).train()
+    net = SparseUNet(3, 16, impl=args.impl).to(device=device, dtype=dtype).train()
 
     cache = KernelMapCache()
 
@@ -173,6 +175,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
+        "impl": args.impl,
         "num_points": int(pts.shape[0]),
         "num_voxels": int(vox.coords.shape[0]),
         "target_voxels": nvox,

@@ -1,8 +1,15 @@
 """Shared test set-up: GPU-only tests skipped without CUDA; the small trainer config and the synthetic scene folders
 that the pipeline, viewer, reliability and multi-GPU tests build (``from conftest import ...``)."""
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # The Triton kernels of the sparse convolution (model/sparse/igemm.py) run on CPU tensors only under Triton's
+    # interpreter, which has to be chosen before triton is first imported (torch does not import it).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

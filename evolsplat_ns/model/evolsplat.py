@@ -69,8 +69,13 @@ class EvolSplatModelConfig(ModelConfig):
     """Spherical-harmonics degree of the decoded colour."""
     offset_max: float = 0.1
     """Bound of the predicted per-point offset (metres)."""
-    sparse_backend: Literal["torch", "torchsparse"] = "torch"
-    """Sparse convolution backend: the project's own PyTorch one, or torchsparse when importable."""
+    sparse_backend: Literal["torch", "torchsparse", "spconv"] = "torch"
+    """Sparse U-Net backend: the project's own ('torch', needs nothing beyond torch), or torchsparse 2.1 / spconv 2.3
+    when importable (same weights and outputs; docs/BENCHMARKS.md B5 compares them)."""
+    sparse_conv_impl: Literal["auto", "gather", "igemm"] = "auto"
+    """How the project's own backend runs a convolution: 'igemm' = Triton implicit-GEMM kernels (CUDA), 'gather' =
+    gather-matmul-scatter in pure PyTorch (any device), 'auto' = igemm on CUDA when Triton is importable, else
+    gather. Same results up to float rounding."""
     volume_sampling: Literal["sparse", "dense"] = "sparse"
     """Sample the feature volume straight from the sparse voxels, or densify it like the reference."""
     volume_aabb: Optional[Tuple[float, float, float, float, float, float]] = None
@@ -179,7 +184,8 @@ class EvolSplatModel(Model):
         V = self.config.num_source_views or int(meta.get("num_source_views", 3))
         self.num_source_views = V
         window = (2 * self.config.local_radius + 1) ** 2
-        self.encoder = build_unet(self.config.sparse_backend, in_channels=3, out_channels=self.config.volume_dim)
+        self.encoder = build_unet(self.config.sparse_backend, in_channels=3, out_channels=self.config.volume_dim,
+                                  impl=self.config.sparse_conv_impl)
         self.heads = GaussianHeads(self.config.volume_dim, V * window * 4, self.config.sh_degree,
                                    self.config.offset_max, colour_residual=self.config.colour_residual)
         self.background = HemisphereBackground(V, self.config.bg_num_points, self.config.bg_radius,

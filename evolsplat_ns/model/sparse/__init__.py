@@ -1,11 +1,13 @@
-"""The project's own sparse 3D convolution backend (pure PyTorch, CPU and CUDA) and sparse volume sampling.
+"""The project's own sparse 3D convolution backend (PyTorch, plus Triton kernels on CUDA) and sparse volume sampling.
 
 * ``tensor``: :class:`SparseTensor`, :class:`KernelMapCache`, the voxeliser (:func:`voxelize`,
   :meth:`SparseTensor.from_points`) and the pinned voxel <-> world mapping;
 * ``kernel_map``: coordinate hashing, kernel maps, the kernel-offset ordering and the strided output rule
   (both those of torchsparse 2.1, so its checkpoints load unchanged);
-* ``ops``: fused sparse convolution (gather / one bmm / one index_add, hand-written backward), batch norm, ReLU;
-* ``unet``: EVolSplat's sparse U-Net;
+* ``ops``: sparse convolution (the pure-PyTorch gather / one bmm / one scatter-add path with a hand-written
+  backward, or the implicit GEMM of ``igemm``), batch norm, ReLU;
+* ``igemm``: the implicit-GEMM convolution in Triton (the CUDA default; tested against the gather path);
+* ``unet``: EVolSplat's sparse U-Net (and the same network on torchsparse); ``spconv_unet``: on spconv 2.x;
 * ``sampling``: trilinear sampling straight from the sparse voxels (and the reference's dense way, to compare).
 """
 

@@ -31,7 +31,6 @@ Conventions (shared by the whole package)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -166,49 +165,86 @@ class CoordIndex:
         return self._find(keys, valid.expand(keys.shape))
 
 
-@dataclass
 class KernelMap:
-    """Input/output pairs of a sparse convolution grouped by weight index, padded to a rectangle.
+    """The pairs of one sparse convolution, kept as a neighbour table ``table [n_out, K]`` (int32: the input row
+    that output row ``o`` reads with weight ``k``, -1 for none), with two derived layouts built on first use:
 
-    ``in_idx[j, p]`` / ``out_idx[j, p]`` is the ``p``-th pair of group ``j``, which uses weight ``ks[j]``. Padding
-    entries of column ``p`` hold ``n_in + p`` / ``n_out + p`` (past the last row: zero rows are appended when
-    gathering, and padded products land in scratch rows that are dropped, spread so that atomics do not pile up
-    on one address). ``identity_k`` (submanifold maps) is the centre weight, whose pairs are ``(i, i)`` for
-    every row and are handled by one dense matmul instead.
+    * for the gather-scatter path (:mod:`.ops`): the pairs grouped by weight index and padded to a rectangle.
+      ``in_idx[j, p]`` / ``out_idx[j, p]`` is the ``p``-th pair of group ``j``, which uses weight ``ks[j]``.
+      Padding entries of column ``p`` hold ``n_in + p`` / ``n_out + p`` (past the last row: zero rows are appended
+      when gathering, and padded products land in scratch rows that are dropped, spread so that atomics do not
+      pile up on one address). ``identity_k`` (submanifold maps) is the centre weight, whose pairs are ``(i, i)``
+      for every row and are handled by one dense matmul instead;
+    * for the implicit-GEMM path (:mod:`.igemm`): :meth:`inverse`, the output row each input row feeds per weight
+      (``[n_in, K]``; a submanifold map is its own inverse with the columns reversed, so none is stored).
     """
 
-    in_idx: Tensor  # [G, P] int64
-    out_idx: Tensor  # [G, P] int64
-    ks: Tensor  # [G] int64 weight index of each group
-    n_in: int
-    n_out: int
-    kernel_volume: int
-    identity_k: Optional[int] = None
+    def __init__(self, table: Tensor, n_in: int, identity_k: Optional[int] = None, min_chunk: int = 256):
+        self.table = table.to(torch.int32).contiguous()
+        self.n_in = int(n_in)
+        self.identity_k = identity_k
+        self.min_chunk = min_chunk
+        self._groups: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+        self._inverse: Optional[Tensor] = None
+
+    @property
+    def n_out(self) -> int:
+        return int(self.table.shape[0])
+
+    @property
+    def kernel_volume(self) -> int:
+        return int(self.table.shape[1])
+
+    @property
+    def symmetric(self) -> bool:
+        """A submanifold map: input and output rows are the same set and offset ``k`` is the opposite of
+        ``K - 1 - k``."""
+        return self.identity_k is not None
+
+    @property
+    def in_idx(self) -> Tensor:
+        return self._grouped()[0]
+
+    @property
+    def out_idx(self) -> Tensor:
+        return self._grouped()[1]
+
+    @property
+    def ks(self) -> Tensor:
+        return self._grouped()[2]
+
+    def inverse(self) -> Tensor:
+        """``[n_in, K]`` int32: the output row that input row ``i`` feeds with weight ``k`` (-1 for none). Each
+        (input, weight) feeds at most one output for every map built here. Built once, without host reads."""
+        if self._inverse is None:
+            n_out, kv = self.table.shape
+            dev = self.table.device
+            flat = torch.full((self.n_in * kv + 1,), -1, dtype=torch.int32, device=dev)
+            k = torch.arange(kv, device=dev)[None, :]
+            dest = torch.where(self.table >= 0, self.table.long() * kv + k, self.n_in * kv)  # the rest: a scratch slot
+            flat[dest] = torch.arange(n_out, dtype=torch.int32, device=dev)[:, None].expand(n_out, kv)
+            self._inverse = flat[:-1].view(self.n_in, kv)
+        return self._inverse
 
     @property
     def num_pairs(self) -> int:
-        n = int((self.in_idx < self.n_in).sum())
-        return n + (self.n_in if self.identity_k is not None else 0)
+        return int((self.table >= 0).sum())
 
     def pairs(self) -> Tuple[Tensor, Tensor, Tensor]:
         """All ``(in, out, weight index)`` pairs, mainly for tests and debugging."""
-        valid = self.in_idx < self.n_in
-        j, _ = valid.nonzero(as_tuple=True)
-        i_in, i_out, kk = self.in_idx[valid], self.out_idx[valid], self.ks[j]
-        if self.identity_k is not None:
-            r = torch.arange(self.n_in, device=self.in_idx.device)
-            i_in = torch.cat([i_in, r])
-            i_out = torch.cat([i_out, r])
-            kk = torch.cat([kk, torch.full_like(r, self.identity_k)])
-        return i_in, i_out, kk
+        o, k = (self.table >= 0).nonzero(as_tuple=True)
+        return self.table[o, k].long(), o, k
 
     def to(self, device) -> "KernelMap":
-        return KernelMap(self.in_idx.to(device), self.out_idx.to(device), self.ks.to(device), self.n_in, self.n_out,
-                         self.kernel_volume, self.identity_k)
+        return KernelMap(self.table.to(device), self.n_in, self.identity_k, self.min_chunk)
 
     @staticmethod
     def from_table(table: Tensor, n_in: int, identity_k: Optional[int] = None, min_chunk: int = 256) -> "KernelMap":
-        """From an ``[n_out, K]`` table of input rows (-1 = no pair).
+        """From an ``[n_out, K]`` table of input rows (-1 = no pair)."""
+        return KernelMap(table, n_in, identity_k, min_chunk)
+
+    def _grouped(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """The grouped pairs of the gather-scatter path (class docstring).
 
         Groups are cut into chunks of equal length ``c`` (about a quarter of the mean group size, at least
         ``min_chunk``) so that padding stays small when the offsets have very different pair counts (surfaces:
@@ -217,6 +253,9 @@ class KernelMap:
         One host read: the ``K`` pair counts (every size below follows from them); the pairs are then listed with
         a fixed-size ``nonzero_static``, so on CUDA nothing else waits for the device.
         """
+        if self._groups is not None:
+            return self._groups
+        table, n_in, identity_k, min_chunk = self.table, self.n_in, self.identity_k, self.min_chunk
         n_out, kv = table.shape
         device = table.device
         ks_list = [k for k in range(kv) if k != identity_k]
@@ -228,8 +267,8 @@ class KernelMap:
         total, n_groups = sum(counts), sum(1 for c in counts if c > 0)
         if n_groups == 0:
             empty = torch.zeros((0, 0), dtype=torch.long, device=device)
-            return KernelMap(empty, empty.clone(), torch.zeros(0, dtype=torch.long, device=device), n_in, n_out, kv,
-                             identity_k)
+            self._groups = (empty, empty.clone(), torch.zeros(0, dtype=torch.long, device=device))
+            return self._groups
         chunk = min(max(counts), max(min_chunk, -(-total // (4 * n_groups))))
         if chunk >= 1024:
             chunk = -(-chunk // 8) * 8  # lets the weight-gradient reduction split evenly (ops._grouped_weight_grad)
@@ -246,9 +285,10 @@ class KernelMap:
         col = pos - torch.div(pos, chunk, rounding_mode="floor") * chunk
         in_idx = torch.full((r0, chunk), n_in, dtype=torch.long, device=device)
         out_idx = torch.full((r0, chunk), n_out, dtype=torch.long, device=device)
-        in_idx[row, col] = t[r, c]
+        in_idx[row, col] = t[r, c].long()
         out_idx[row, col] = c
-        return KernelMap(in_idx, out_idx, ks, n_in, n_out, kv, identity_k)
+        self._groups = (in_idx, out_idx, ks)
+        return self._groups
 
 
 def build_submanifold_map(coords: Tensor, index: CoordIndex, kernel_size: int = 3, min_chunk: int = 256) -> KernelMap:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from . import igemm
 from .kernel_map import KernelMap
 from .tensor import SparseTensor
 
@@ -160,21 +161,50 @@ class SparseConvFunction(torch.autograd.Function):
         return grad_feats, grad_weight, None, None
 
 
-def sparse_conv(feats: Tensor, weight: Tensor, kmap: KernelMap, transposed: bool = False) -> Tensor:
+CONV_IMPLS = ("auto", "gather", "igemm")
+"""How a convolution runs: ``"gather"`` (this module's gather-scatter, pure PyTorch, any device and dtype),
+``"igemm"`` (the Triton implicit GEMM of :mod:`.igemm`, float32; interpreted on the CPU, for tests), ``"auto"``
+(``igemm`` for float32 CUDA tensors when Triton is importable, ``gather`` otherwise)."""
+
+
+def resolve_impl(impl: str, feats: Tensor) -> str:
+    """``impl`` with ``"auto"`` decided for ``feats`` (see :data:`CONV_IMPLS`)."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"unknown convolution implementation {impl!r} (expected one of {CONV_IMPLS})")
+    if impl == "auto":
+        return "igemm" if feats.is_cuda and feats.dtype == torch.float32 and igemm.available() else "gather"
+    return impl
+
+
+def sparse_conv(feats: Tensor, weight: Tensor, kmap: KernelMap, transposed: bool = False,
+                impl: str = "gather") -> Tensor:
     """Features of a sparse convolution given its kernel map (weights ``[K, C_in, C_out]``)."""
     if weight.dtype != feats.dtype:
         raise TypeError(f"weight dtype {weight.dtype} != feature dtype {feats.dtype}")
+    if resolve_impl(impl, feats) == "igemm":
+        if feats.dtype != torch.float32:
+            raise TypeError(f"the implicit-GEMM convolution runs in float32, got {feats.dtype}")
+        n_in = kmap.n_out if transposed else kmap.n_in
+        if feats.shape[0] != n_in:
+            raise ValueError(f"kernel map expects {n_in} input rows, got {feats.shape[0]}")
+        if transposed:  # coarse -> fine: read the map backwards
+            return igemm.ImplicitGemmConv.apply(feats, weight, kmap.inverse(), kmap.table, False)
+        if kmap.symmetric:  # submanifold: the inverse is the table with its columns reversed
+            return igemm.ImplicitGemmConv.apply(feats, weight, kmap.table, kmap.table, True)
+        return igemm.ImplicitGemmConv.apply(feats, weight, kmap.table, kmap.inverse(), False)
     return SparseConvFunction.apply(feats, weight, kmap, transposed)
 
 
 def sparse_conv3d(x: SparseTensor, weight: Tensor, kernel_size: int = 3, stride: int = 1, transposed: bool = False,
-                  bias: Optional[Tensor] = None) -> SparseTensor:
+                  bias: Optional[Tensor] = None, impl: str = "gather") -> SparseTensor:
     """Functional sparse convolution.
 
     * ``stride == 1``: submanifold (output coordinates = input coordinates; needs an odd kernel);
     * ``stride > 1``: strided, padding 0, torchsparse 2.1 output rule (``kernel_map`` docstring);
     * ``transposed``: inverse of the strided convolution that produced ``x`` (looked up in ``x.cache``); output
       coordinates are exactly the finer level's.
+
+    ``impl``: :data:`CONV_IMPLS`.
     """
     cache = x.cache
     if transposed:
@@ -190,7 +220,7 @@ def sparse_conv3d(x: SparseTensor, weight: Tensor, kernel_size: int = 3, stride:
         out_stride = x.stride * stride
     if kmap.kernel_volume != weight.shape[0]:
         raise ValueError(f"weight has {weight.shape[0]} kernel entries, kernel map {kmap.kernel_volume}")
-    out = sparse_conv(x.feats, weight, kmap, transposed)
+    out = sparse_conv(x.feats, weight, kmap, transposed, impl)
     if bias is not None:
         out = out + bias
     return SparseTensor(out, out_coords, out_stride, cache, out_range)
@@ -198,11 +228,15 @@ def sparse_conv3d(x: SparseTensor, weight: Tensor, kernel_size: int = 3, stride:
 
 class SparseConv3d(nn.Module):
     """Sparse 3D convolution; parameter ``kernel [k^3, C_in, C_out]`` as torchsparse 2.1 ``spnn.Conv3d``
-    (same name, layout, offset ordering and default init), so state dicts are interchangeable."""
+    (same name, layout, offset ordering and default init), so state dicts are interchangeable. ``impl``: how it
+    runs (:data:`CONV_IMPLS`); the result does not depend on it beyond rounding."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 bias: bool = False, transposed: bool = False):
+                 bias: bool = False, transposed: bool = False, impl: str = "gather"):
         super().__init__()
+        if impl not in CONV_IMPLS:
+            raise ValueError(f"unknown convolution implementation {impl!r} (expected one of {CONV_IMPLS})")
+        self.impl = impl
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = int(kernel_size)
@@ -228,7 +262,7 @@ class SparseConv3d(nn.Module):
         return s
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return sparse_conv3d(x, self.kernel, self.kernel_size, self.stride, self.transposed, self.bias)
+        return sparse_conv3d(x, self.kernel, self.kernel_size, self.stride, self.transposed, self.bias, self.impl)
 
 
 class SparseBatchNorm(nn.BatchNorm1d):

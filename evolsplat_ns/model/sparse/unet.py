@@ -21,6 +21,7 @@ input coordinates. Module names and parameter layouts are those of the reference
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 from torch import nn
@@ -33,10 +34,11 @@ class SparseConvBlock(nn.Module):
     """Sparse conv (kernel 3, no bias) -> BatchNorm -> ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 transposed: bool = False):
+                 transposed: bool = False, impl: str = "gather"):
         super().__init__()
         self.net = nn.Sequential(
-            SparseConv3d(in_channels, out_channels, kernel_size, stride, bias=False, transposed=transposed),
+            SparseConv3d(in_channels, out_channels, kernel_size, stride, bias=False, transposed=transposed,
+                         impl=impl),
             SparseBatchNorm(out_channels),
             SparseReLU(inplace=True),
         )
@@ -46,22 +48,24 @@ class SparseConvBlock(nn.Module):
 
 
 class SparseUNet(nn.Module):
-    """EVolSplat's sparse U-Net (table in the module docstring)."""
+    """EVolSplat's sparse U-Net (table in the module docstring). ``impl``: how its convolutions run
+    (:data:`.ops.CONV_IMPLS`: ``"auto"`` = the Triton implicit GEMM on CUDA, the gather-scatter path elsewhere)."""
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 16):
+    def __init__(self, in_channels: int = 3, out_channels: int = 16, impl: str = "auto"):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.conv0 = SparseConvBlock(in_channels, out_channels)
-        self.conv1 = SparseConvBlock(out_channels, 16, stride=2)
-        self.conv2 = SparseConvBlock(16, 16)
-        self.conv3 = SparseConvBlock(16, 32, stride=2)
-        self.conv4 = SparseConvBlock(32, 32)
-        self.conv5 = SparseConvBlock(32, 64, stride=2)
-        self.conv6 = SparseConvBlock(64, 64)
-        self.conv7 = SparseConvBlock(64, 32, stride=2, transposed=True)
-        self.conv9 = SparseConvBlock(32, 16, stride=2, transposed=True)
-        self.conv11 = SparseConvBlock(16, out_channels, stride=2, transposed=True)
+        b = functools.partial(SparseConvBlock, impl=impl)
+        self.conv0 = b(in_channels, out_channels)
+        self.conv1 = b(out_channels, 16, stride=2)
+        self.conv2 = b(16, 16)
+        self.conv3 = b(16, 32, stride=2)
+        self.conv4 = b(32, 32)
+        self.conv5 = b(32, 64, stride=2)
+        self.conv6 = b(64, 64)
+        self.conv7 = b(64, 32, stride=2, transposed=True)
+        self.conv9 = b(32, 16, stride=2, transposed=True)
+        self.conv11 = b(16, out_channels, stride=2, transposed=True)
 
     def forward(self, x: SparseTensor, cache: Optional[KernelMapCache] = None) -> SparseTensor:
         """``x`` at stride 1 -> features ``[N, out_channels]`` at ``x``'s coordinates.
@@ -117,16 +121,21 @@ class TorchsparseUNet(nn.Module):  # pragma: no cover - needs torchsparse 2.1 + 
         return x.replace(y.F)
 
 
-def build_unet(backend: str = "torch", in_channels: int = 3, out_channels: int = 16) -> nn.Module:
-    """``"torch"``: :class:`SparseUNet` (this package). ``"torchsparse"``: :class:`TorchsparseUNet` (needs
-    torchsparse 2.1 importable; same state-dict keys and layouts)."""
+def build_unet(backend: str = "torch", in_channels: int = 3, out_channels: int = 16, impl: str = "auto") -> nn.Module:
+    """``"torch"``: :class:`SparseUNet` (this package; ``impl`` as there). ``"torchsparse"``: :class:`TorchsparseUNet`
+    (needs torchsparse 2.1). ``"spconv"``: :class:`.spconv_unet.SpconvUNet` (needs spconv 2.3). All three take the
+    same state dict and give the same features."""
     if backend == "torch":
-        return SparseUNet(in_channels, out_channels)
-    if backend == "torchsparse":
+        return SparseUNet(in_channels, out_channels, impl=impl)
+    if backend in ("torchsparse", "spconv"):
         try:
-            import torchsparse  # noqa: F401
+            __import__("torchsparse" if backend == "torchsparse" else "spconv.pytorch")
         except ImportError as e:
-            raise ImportError("sparse_backend='torchsparse' needs torchsparse 2.1 installed; the default "
-                              "sparse_backend='torch' needs nothing") from e
-        return TorchsparseUNet(in_channels, out_channels)
-    raise ValueError(f"unknown sparse backend {backend!r} (expected 'torch' or 'torchsparse')")
+            raise ImportError(f"sparse_backend={backend!r} needs {backend} installed (torchsparse 2.1 / spconv 2.3, "
+                              "a CUDA build); the default sparse_backend='torch' needs nothing") from e
+        if backend == "torchsparse":
+            return TorchsparseUNet(in_channels, out_channels)
+        from .spconv_unet import SpconvUNet
+
+        return SpconvUNet(in_channels, out_channels)
+    raise ValueError(f"unknown sparse backend {backend!r} (expected 'torch', 'torchsparse' or 'spconv')")

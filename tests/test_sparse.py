@@ -517,6 +517,19 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         super().__init__()
         self.count = 0
 
+    @classmethod
+    def counting_tolist(cls, monkeypatch) -> "_HostReads":
+        """A counter that also counts ``Tensor.tolist`` (patched for the test)."""
+        mode = cls()
+        orig = torch.Tensor.tolist
+
+        def tolist(t):
+            mode.count += 1
+            return orig(t)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+        return mode
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         bool_index = name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
@@ -534,14 +547,7 @@ def test_kernel_maps_are_built_with_few_host_reads(monkeypatch):
     c = random_coords((24, 24, 24), 0.15, 1, seed=11)
     f = torch.randn(len(c), 3, dtype=DT)
     net = SparseUNet().double().eval()
-    mode = _HostReads()
-    orig = torch.Tensor.tolist
-
-    def tolist(t):
-        mode.count += 1
-        return orig(t)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    mode = _HostReads.counting_tolist(monkeypatch)
     cache = KernelMapCache()
     with torch.no_grad(), mode:
         net(SparseTensor(f, c), cache=cache)
@@ -551,3 +557,22 @@ def test_kernel_maps_are_built_with_few_host_reads(monkeypatch):
         net(SparseTensor(f, c), cache=cache)
     assert first <= 4 + 4 + 4 + 3 * 3, first  # hashes + maps (+ CPU offsets of each submanifold lookup) + strided
     assert mode.count == 0, mode.count
+
+
+def test_kernel_maps_for_the_implicit_gemm_need_no_pair_lists(monkeypatch):
+    """Issue 16: the implicit-GEMM path reads a map as its neighbour table (and the inverse of a strided map), so
+    building a U-Net's maps for it skips the grouped pair lists and their host read: one read per hash, the
+    (CPU-side) offsets of each submanifold lookup and the box and output count of each strided map — 4 + 4 + 3 * 2
+    here, against 21 when the gather path lists the pairs too (test above)."""
+    c = random_coords((24, 24, 24), 0.15, 1, seed=11)
+    mode = _HostReads.counting_tolist(monkeypatch)
+    cache = KernelMapCache()
+    with torch.no_grad(), mode:
+        coords, s = c, 1
+        for level in range(4):
+            cache.submanifold(coords, s)
+            if level < 3:
+                down, coords, _ = cache.downsample(coords, s)
+                down.inverse()
+                s *= 2
+    assert mode.count <= 4 + 4 + 3 * 2, mode.count  # listing the pairs would add one read per map (7)

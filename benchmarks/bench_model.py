@@ -84,17 +84,15 @@ def load_weights(model, checkpoint: Path) -> dict:
                                                                   weights_only=True)["step"])}
 
 
-SPARSE_CONV_IMPL = "auto"  # --sparse-conv-impl: how the U-Net's convolutions run (EvolSplatModelConfig.sparse_conv_impl)
-
-
-def build_model(device, points, volume_sampling="sparse", volume_aabb=None, bg_points=700 * 700, weights=None):
+def build_model(device, points, volume_sampling="sparse", volume_aabb=None, bg_points=700 * 700, weights=None,
+                sparse_conv_impl="auto"):
     from nerfstudio.data.scene_box import SceneBox
 
     from evolsplat_ns.model.evolsplat import EvolSplatModelConfig
     from evolsplat_ns.pointcloud.init import init_gaussians
 
     cfg = EvolSplatModelConfig(num_source_views=3, volume_sampling=volume_sampling, volume_aabb=volume_aabb,
-                               bg_num_points=bg_points, sparse_conv_impl=SPARSE_CONV_IMPL)
+                               bg_num_points=bg_points, sparse_conv_impl=sparse_conv_impl)
     model = cfg.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1,
                       metadata={"num_source_views": 3}).to(device)
     g = init_gaussians(points.cpu().float().numpy(), torch.rand(len(points), 3).numpy(), sh_degree=1, seed=0,
@@ -184,8 +182,6 @@ def main():
     ap.add_argument("--sparse-conv-impl", default="auto", choices=["auto", "gather", "igemm"],
                     help="how the U-Net's convolutions run (model option sparse_conv_impl)")
     args = ap.parse_args()
-    global SPARSE_CONV_IMPL
-    SPARSE_CONV_IMPL = args.sparse_conv_impl
     device = torch.device(args.device)
     iters, warm = (2, 1) if args.quick else (args.iters, 2)
     torch.manual_seed(0)
@@ -199,7 +195,8 @@ def main():
     report = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor(),
               "torch": torch.__version__, "image": [H, W], "source_views": 3,
               "sparse_conv_impl": args.sparse_conv_impl}
-    model = build_model(device, pts, bg_points=700 * 700 if not args.quick else 20000)
+    model = build_model(device, pts, bg_points=700 * 700 if not args.quick else 20000,
+                        sparse_conv_impl=args.sparse_conv_impl)
     report["weights"] = load_weights(model, args.weights) if args.weights else "untrained (random initialisation)"
     model.train()
 
@@ -306,7 +303,8 @@ def main():
             for mode in ("sparse", "dense"):
                 del model
                 torch.cuda.empty_cache()
-                model = build_model(device, pts, volume_sampling=mode, volume_aabb=box, weights=args.weights)
+                model = build_model(device, pts, volume_sampling=mode, volume_aabb=box, weights=args.weights,
+                                    sparse_conv_impl=args.sparse_conv_impl)
                 model.train()
                 train_step(model, one, "ours")  # warm (kernel maps)
                 torch.cuda.synchronize()

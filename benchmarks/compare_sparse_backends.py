@@ -189,7 +189,7 @@ def main():
 
     def run_ctx(name):
         if name == "spconv" and dev.type == "cpu":
-            from evolsplat_ns.model.sparse.spconv_unet import torch_threads
+            from evolsplat_ns.threads import torch_threads
 
             return torch_threads(1)  # spconv 2.3.8's CPU build is racy with more than one torch thread
         return contextlib.nullcontext()

@@ -3,8 +3,8 @@
 :class:`SpconvUNet` loaded with :class:`SparseUNet`'s state dict must give the same features and the same
 gradients (input features, every kernel in our ``[27, C_in, C_out]`` layout, BatchNorm affine parameters) and the
 same BatchNorm running statistics, on inputs whose borders exercise the strided output rule. Skipped where spconv
-is not importable. On the CPU spconv runs its native algorithm (single-threaded: see ``torch_threads``), on CUDA the
-implicit GEMM one.
+is not importable. On the CPU spconv runs its native algorithm (single-threaded: see
+``evolsplat_ns.threads.torch_threads``), on CUDA the implicit GEMM one.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from evolsplat_ns.model.sparse.spconv_unet import (  # noqa: E402
     SpconvUNet,
     from_spconv_weight,
     to_spconv_weight,
-    torch_threads,
 )
+from evolsplat_ns.threads import torch_threads  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------- inputs

@@ -35,7 +35,6 @@ import os
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
@@ -58,6 +57,7 @@ from evolsplat_ns.pointcloud.options import (
     restricted_frames,
     segment_input_frames,
 )
+from evolsplat_ns.threads import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -130,21 +130,6 @@ def _numpy(x: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
 READ_WORKERS = min(16, os.cpu_count() or 1)
 """Threads that read and decode a segment's files (sweeps, images, masks): gzip, JPEG / PNG decoding and resizing
 release the GIL, so a 16-core machine reads a 40-frame segment about 10x faster than one thread."""
-
-
-@contextmanager
-def _torch_threads(n: Optional[int]) -> Iterator[None]:
-    """torch's intra-op threads limited to ``n`` for the block (None: unchanged). Colouring on the CPU runs beside
-    the reader threads; torch's OpenMP workers would spin on the cores the readers decode on (2-3x slower)."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 _T = TypeVar("_T")
@@ -563,7 +548,8 @@ class LidarRGBPointCloudGenerator(RGBPointCloudGenerator):
             return pts, recs, images, sky
 
         frames_read = prefetch_ordered(read, frames)
-        with _torch_threads(1 if device.type == "cpu" and READ_WORKERS > 1 else None):
+        # torch's OpenMP workers would spin on the cores the reader threads decode on (2-3x slower)
+        with torch_threads(1 if device.type == "cpu" and READ_WORKERS > 1 else None):
             return self._colour_all(frames_read, device, self._timer, opts.lidar_free_space)
 
     @staticmethod

@@ -238,11 +238,6 @@ class KernelMap:
     def to(self, device) -> "KernelMap":
         return KernelMap(self.table.to(device), self.n_in, self.identity_k, self.min_chunk)
 
-    @staticmethod
-    def from_table(table: Tensor, n_in: int, identity_k: Optional[int] = None, min_chunk: int = 256) -> "KernelMap":
-        """From an ``[n_out, K]`` table of input rows (-1 = no pair)."""
-        return KernelMap(table, n_in, identity_k, min_chunk)
-
     def _grouped(self) -> Tuple[Tensor, Tensor, Tensor]:
         """The grouped pairs of the gather-scatter path (class docstring).
 
@@ -299,7 +294,7 @@ def build_submanifold_map(coords: Tensor, index: CoordIndex, kernel_size: int = 
     offs = kernel_offsets(kernel_size) - (kernel_size - 1) // 2  # on the CPU: lookup_offsets reads them there
     offs4 = torch.cat([torch.zeros_like(offs[:, :1]), offs], dim=1)
     table = index.lookup_offsets(coords, offs4)  # [N, K]: input row of output n at offset k
-    return KernelMap.from_table(table, n, identity_k=(kernel_size**3) // 2, min_chunk=min_chunk)
+    return KernelMap(table, n, identity_k=(kernel_size**3) // 2, min_chunk=min_chunk)
 
 
 def build_downsample_map(
@@ -320,7 +315,7 @@ def build_downsample_map(
     k, s = int(kernel_size), int(stride)
     if n == 0:
         empty = torch.zeros((0, 4), dtype=torch.long, device=device)
-        kmap = KernelMap.from_table(torch.zeros((0, k**3), dtype=torch.long, device=device), 0, min_chunk=min_chunk)
+        kmap = KernelMap(torch.zeros((0, k**3), dtype=torch.long, device=device), 0, min_chunk=min_chunk)
         return kmap, empty, None
     p = coords[:, 1:]
     b = coords[:, 0]
@@ -372,5 +367,5 @@ def build_downsample_map(
         out[:, i] = torch.div(rem, st[i], rounding_mode="floor")
         rem = rem - out[:, i] * st[i]
     out[:, 0] += bmin
-    return KernelMap.from_table(table, n, min_chunk=min_chunk), out, out_range  # host read 3 of 3
+    return KernelMap(table, n, min_chunk=min_chunk), out, out_range  # host read 3 of 3
 

@@ -119,8 +119,6 @@ class SparseConvFunction(torch.autograd.Function):
             gather, scatter, n_in, n_out = kmap.out_idx, kmap.in_idx, kmap.n_out, kmap.n_in
         else:
             gather, scatter, n_in, n_out = kmap.in_idx, kmap.out_idx, kmap.n_in, kmap.n_out
-        if feats.shape[0] != n_in:
-            raise ValueError(f"kernel map expects {n_in} input rows, got {feats.shape[0]}")
         w = weight.index_select(0, kmap.ks)
         out = _gather_mm_scatter(feats, w, gather, scatter, n_out)
         if kmap.identity_k is not None:
@@ -167,11 +165,16 @@ CONV_IMPLS = ("auto", "gather", "igemm")
 (``igemm`` for float32 CUDA tensors when Triton is importable, ``gather`` otherwise)."""
 
 
-def resolve_impl(impl: str, feats: Tensor) -> str:
-    """``impl`` with ``"auto"`` decided for ``feats`` (see :data:`CONV_IMPLS`)."""
+def check_impl(impl: str) -> str:
+    """``impl`` itself if it is one of :data:`CONV_IMPLS`, else a ``ValueError``."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown convolution implementation {impl!r} (expected one of {CONV_IMPLS})")
-    if impl == "auto":
+    return impl
+
+
+def resolve_impl(impl: str, feats: Tensor) -> str:
+    """``impl`` with ``"auto"`` decided for ``feats`` (see :data:`CONV_IMPLS`)."""
+    if check_impl(impl) == "auto":
         return "igemm" if feats.is_cuda and feats.dtype == torch.float32 and igemm.available() else "gather"
     return impl
 
@@ -181,12 +184,12 @@ def sparse_conv(feats: Tensor, weight: Tensor, kmap: KernelMap, transposed: bool
     """Features of a sparse convolution given its kernel map (weights ``[K, C_in, C_out]``)."""
     if weight.dtype != feats.dtype:
         raise TypeError(f"weight dtype {weight.dtype} != feature dtype {feats.dtype}")
+    n_in = kmap.n_out if transposed else kmap.n_in
+    if feats.shape[0] != n_in:
+        raise ValueError(f"kernel map expects {n_in} input rows, got {feats.shape[0]}")
     if resolve_impl(impl, feats) == "igemm":
         if feats.dtype != torch.float32:
             raise TypeError(f"the implicit-GEMM convolution runs in float32, got {feats.dtype}")
-        n_in = kmap.n_out if transposed else kmap.n_in
-        if feats.shape[0] != n_in:
-            raise ValueError(f"kernel map expects {n_in} input rows, got {feats.shape[0]}")
         if transposed:  # coarse -> fine: read the map backwards
             return igemm.ImplicitGemmConv.apply(feats, weight, kmap.inverse(), kmap.table, False)
         if kmap.symmetric:  # submanifold: the inverse is the table with its columns reversed
@@ -234,9 +237,7 @@ class SparseConv3d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                  bias: bool = False, transposed: bool = False, impl: str = "gather"):
         super().__init__()
-        if impl not in CONV_IMPLS:
-            raise ValueError(f"unknown convolution implementation {impl!r} (expected one of {CONV_IMPLS})")
-        self.impl = impl
+        self.impl = check_impl(impl)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = int(kernel_size)

@@ -60,7 +60,7 @@ spconv 2.3.8 on the CPU (its CPU build, used by the tests)
 ----------------------------------------------------------
 * Its native convolution returns a wrong output row now and then when torch runs more than one intra-op thread
   (a race in its CPU gather / scatter path; spconv ships its own ``libgomp`` beside torch's): run it inside
-  :func:`torch_threads` ``(1)`` - forward and backward.
+  :func:`evolsplat_ns.threads.torch_threads` ``(1)`` - forward and backward.
 * Its CPU backward calls ``torch.cuda.current_stream()`` unconditionally, which raises without a CUDA driver:
   building a :class:`SpconvConv3d` where CUDA is unavailable replaces ``spconv.pytorch.ops.get_current_stream`` by
   one returning 0 (:func:`_cpu_backward_fix`; nothing is changed where CUDA is available).
@@ -68,7 +68,6 @@ spconv 2.3.8 on the CPU (its CPU build, used by the tests)
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import List, Optional, Sequence
 
@@ -261,7 +260,7 @@ class SpconvUNet(nn.Module):
         if not x.feats.is_cuda and torch.get_num_threads() > 1:
             raise RuntimeError("spconv 2.3.8's CPU convolution returns wrong rows now and then with more than one "
                                f"torch thread ({torch.get_num_threads()} now): on the CPU use sparse_backend='torch', "
-                               "or run spconv inside spconv_unet.torch_threads(1)")
+                               "or run spconv inside evolsplat_ns.threads.torch_threads(1)")
         coords = x.coords
         idx = coords.to(torch.int32).contiguous()
         shape = self._input_shape(coords, x.spatial_range)
@@ -285,20 +284,3 @@ class SpconvUNet(nn.Module):
 
             feats = feats[CoordIndex(y.indices.long()).lookup(coords)]
         return x.replace(feats)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int = 1):
-    """Run the block with ``torch.set_num_threads(n)`` (restored after).
-
-    spconv 2.3.8's CPU build (native algorithm, ``spconv.pytorch.ops.indice_conv``) returns a wrong output row now and
-    then when torch runs more than one intra-op thread (about 1 single-tap strided conv in 300 on 2 threads, never
-    on 1 thread, measured on this project's CPU machine): run spconv on the CPU - forward *and* backward - inside
-    ``torch_threads(1)``. The CUDA build is not affected by this setting.
-    """
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)

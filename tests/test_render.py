@@ -129,17 +129,37 @@ def _render(scene, **kw):
 
 
 # ------------------------------------------------------------------------------------------------ CPU tests
-def test_matches_brute_force():
+@pytest.mark.parametrize("tile", [16, 8, 4])
+def test_matches_brute_force(tile):
     scene = tiny_scene()
     bg = (0.2, 0.4, 0.6)
-    img, acc, dep, n_vis = brute_force(scene, background=bg)
+    img, acc, dep, n_vis = brute_force(scene, background=bg, tile=tile)
     assert n_vis == 5
     assert acc.max() > 0.999  # the transmittance cut-off is exercised
-    out = _render(scene, render_depth=True, background=torch.tensor(bg, dtype=torch.float64), backend="torch")
+    out = _render(scene, render_depth=True, background=torch.tensor(bg, dtype=torch.float64), backend="torch",
+                  tile_size=tile)
     assert out["rgb"].shape == (16, 24, 3) and out["alpha"].shape == (16, 24, 1) and out["depth"].shape == (16, 24, 1)
     np.testing.assert_allclose(out["rgb"].numpy(), img, atol=1e-9)
     np.testing.assert_allclose(out["alpha"].numpy(), acc, atol=1e-9)
     np.testing.assert_allclose(out["depth"].numpy(), dep, atol=1e-7)
+
+
+def test_tile_size_moves_only_the_three_sigma_cut():
+    """A pixel composites the Gaussians whose 3-sigma box touches its tile: the tile size changes which pixels
+    beyond a box are also evaluated, and there a Gaussian's alpha is below 0.011 of its opacity."""
+    means, quats, scales, opac, colors, c2w, K = random_scene(n=60, device="cpu")
+    scales, opac = scales * 4, opac.clamp_min(0.5)  # large, fairly opaque splats: the cut reaches alpha > 1/255
+    ref = render_gaussians(means, quats, scales, opac, colors, c2w, K, 80, 64, backend="torch")
+    for tile in (8, 4, 1):
+        out = render_gaussians(means, quats, scales, opac, colors, c2w, K, 80, 64, backend="torch", tile_size=tile)
+        for key in ("rgb", "alpha"):
+            d = (out[key] - ref[key]).abs()
+            assert d.max() < 0.011
+            assert (d == 0).float().mean() > 0.99
+    assert (out["alpha"] != ref["alpha"]).any()  # tile 1: the cut is exercised
+    for bad in (0, 33):
+        with pytest.raises(ValueError, match="tile_size"):
+            render_gaussians(means, quats, scales, opac, colors, c2w, K, 80, 64, backend="torch", tile_size=bad)
 
 
 def test_chunking_and_blocks_do_not_change_the_image():
@@ -291,11 +311,11 @@ def random_scene(n=300, seed=0, device="cuda", sh_degree=None):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sh_degree", [None, 2])
-def test_gsplat_matches_torch_values(sh_degree):
+@pytest.mark.parametrize("sh_degree,tile", [(None, 16), (2, 16), (2, 8)])
+def test_gsplat_matches_torch_values(sh_degree, tile):
     means, quats, scales, opac, colors, c2w, K = random_scene(sh_degree=sh_degree)
     bg = torch.tensor([0.3, 0.2, 0.1], device="cuda")
-    kw = dict(sh_degree=sh_degree, render_depth=True, background=bg)
+    kw = dict(sh_degree=sh_degree, render_depth=True, background=bg, tile_size=tile)
     ref = render_gaussians(means, quats, scales, opac, colors, c2w, K, 80, 64, backend="torch", **kw)
     out = render_gaussians(means, quats, scales, opac, colors, c2w, K, 80, 64, backend="gsplat", **kw)
     for key in ("rgb", "alpha"):

@@ -45,6 +45,8 @@ class EvolSplatFinetuneModelConfig(SplatfactoModelConfig):
     (splatfacto adds one band every 1000 steps; a positive value does that here too)."""
     rasterizer: str = "auto"
     """'auto' (gsplat on CUDA, the PyTorch reference rasterizer on the CPU), 'gsplat' or 'torch'."""
+    raster_tile_size: int = 16
+    """Pixel tile size of the rasterizer (gsplat's default 16; see the feed-forward model's option of that name)."""
 
 
 class _NaNMetric(torch.nn.Module):
@@ -140,7 +142,8 @@ class EvolSplatFinetuneModel(SplatfactoModel):
         out = render_gaussians(p["means"], p["quats"], torch.exp(p["scales"]), torch.sigmoid(p["opacities"])[:, 0],
                                torch.cat([p["features_dc"][:, None], p["features_rest"]], 1), c2w[0].float(),
                                K.float(), W, H, sh_degree=degree, render_depth=depth, backend=kind,
-                               return_info=True, absgrad=self.strategy.absgrad)
+                               return_info=True, absgrad=self.strategy.absgrad,
+                               tile_size=self.config.raster_tile_size)
         self.info = out["info"] if self.training else None
         if self.training and self.info is not None:
             self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step,

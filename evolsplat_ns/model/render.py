@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from evolsplat_ns.cameras import world_to_camera
-from evolsplat_ns.model.rasterize_torch import EPS2D, rasterize_gaussians_torch
+from evolsplat_ns.model.rasterize_torch import EPS2D, TILE_SIZE, rasterize_gaussians_torch
 
 Backend = Literal["auto", "gsplat", "torch"]
 
@@ -75,6 +75,7 @@ def render_gaussians(
     backend: Backend = "auto",
     return_info: bool = False,
     absgrad: bool = False,
+    tile_size: int = TILE_SIZE,
 ) -> Dict[str, Tensor]:
     """Rasterize 3D Gaussians into one or several pinhole cameras.
 
@@ -109,6 +110,10 @@ def render_gaussians(
         return_info: also return gsplat's ``info`` (projected ``means2d``, ``radii``, ...: what gsplat's
             densification strategies read); None with the torch backend, which has no such record.
         absgrad: gsplat's ``absgrad`` (for strategies that densify on absolute gradients).
+        tile_size: side of the rasterizer's square pixel tiles (gsplat's default 16). A pixel composites the
+            Gaussians whose 3-sigma box touches its tile, so the tile size changes an image only where a Gaussian
+            reaches beyond its box (alpha below ``0.011 o``); smaller tiles split the long per-tile lists of a
+            street's vanishing point (B2: 8 is 2.2x faster than 16 at KITTI-360 size, 32 is 2.1x slower).
 
     Returns:
         A dict with (``[C, ...]`` leading dimension only when ``c2w`` is batched):
@@ -118,6 +123,8 @@ def render_gaussians(
         - **depth**: ``[H, W, 1]`` expected z-depth (only with ``render_depth``; meaningless where alpha ~ 0).
         - **info**: gsplat's info dict, or None (only with ``return_info``).
     """
+    if not 1 <= int(tile_size) <= 32:
+        raise ValueError(f"tile_size {tile_size}: expected 1 to 32 pixels (gsplat runs one thread per tile pixel)")
     batched = c2w.dim() == 3
     c2w_b = c2w if batched else c2w[None]
     C = c2w_b.shape[0]
@@ -155,13 +162,16 @@ def render_gaussians(
             rasterize_mode="classic",
             packed=False,  # packed projection compacts with nonzero(): one more host sync per call
             absgrad=absgrad,
+            tile_size=tile_size,
         )
     else:
         info = None
+        blk = max(1, TILE_SIZE // tile_size)
         render_colors, render_alphas = rasterize_gaussians_torch(
             means, quats, scales, opacities, colors, viewmats, Ks, width, height,
             sh_degree=sh_degree, render_mode=mode, backgrounds=backgrounds,
-            near_plane=near_plane, far_plane=far_plane, eps2d=EPS2D,
+            near_plane=near_plane, far_plane=far_plane, eps2d=EPS2D, tile_size=tile_size,
+            block_tiles=(blk, 4 * blk),  # pixel blocks of 16 x 64 whatever the tile size (speed only)
         )
 
     out = {"rgb": render_colors[..., :-1] if render_depth else render_colors, "alpha": render_alphas}

@@ -238,12 +238,15 @@ def main():
     # B2: rendering one more view of the reconstructed segment, per render path (default first)
     model.eval()
     variants = {"default": {}, "no_view_cull": {"view_cull": False}, "joint_composite": {"composite": "joint"},
-                "no_tf32": {"tf32": False}, "previous_path": {"view_cull": False, "tf32": False}}
+                "tile_16": {"raster_tile_size": 16}, "float32_render": {"render_tf32": False},
+                "bg_compact": {"bg_shapes": "compact"},
+                "previous_path": {"raster_tile_size": 16, "render_tf32": False, "bg_shapes": "compact"}}
     if device.type == "cuda":  # compiled decode (torch.compile; fused kernels, then also CUDA graphs)
         variants.update(compiled_fuse={"compile_decode": "fuse"}, compiled_graphs={"compile_decode": "graphs"})
     b2 = {}
     cfg = model.config
-    defaults = {"view_cull": cfg.view_cull, "composite": cfg.composite, "compile_decode": cfg.compile_decode}
+    defaults = {"view_cull": cfg.view_cull, "composite": cfg.composite, "compile_decode": cfg.compile_decode,
+                "raster_tile_size": cfg.raster_tile_size, "bg_shapes": cfg.bg_shapes, "render_tf32": cfg.render_tf32}
     with torch.no_grad():
         shared = model.extract_shared(batch)
         tgt = batch.target

@@ -27,6 +27,22 @@ def test_decode_equals_the_heads_it_combines():
     torch.testing.assert_close(sh, sh_ref)
 
 
+def test_colour_head_without_the_concatenated_input_is_the_same_network():
+    """predict_colour applies the colour head's first layer to [fw, vd] by parts (no [N, D + 4] copy): the same
+    function as the nn.Sequential on the concatenation, in values and in the weights' gradients."""
+    torch.manual_seed(0)
+    heads = GaussianHeads(16, 108, sh_degree=1).double()
+    fw, vd = torch.randn(40, 108, dtype=torch.float64), torch.randn(40, 4, dtype=torch.float64)
+    sh = heads.predict_colour(fw, vd)
+    ref = heads.colour(torch.cat([fw, vd], -1)).reshape(-1, 4, 3)
+    torch.testing.assert_close(sh, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(sh)
+    g = torch.autograd.grad((sh * w).sum(), list(heads.colour.parameters()))
+    g_ref = torch.autograd.grad((ref * w).sum(), list(heads.colour.parameters()))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def _views(xs, H, W, device, seed):
     g = torch.Generator().manual_seed(seed)
     n = len(xs)
@@ -42,9 +58,7 @@ def _views(xs, H, W, device, seed):
                  keyframe_indices=torch.arange(n, device=device))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["fuse", "graphs"])
-def test_compiled_decode_renders_the_eager_image(mode):
+def _gpu_model_and_batch(**options):
     from nerfstudio.data.scene_box import SceneBox
 
     from evolsplat_ns.model.evolsplat import EvolSplatModelConfig
@@ -52,7 +66,7 @@ def test_compiled_decode_renders_the_eager_image(mode):
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    cfg = EvolSplatModelConfig(num_source_views=3, bg_num_points=4000, view_cull=False)
+    cfg = EvolSplatModelConfig(num_source_views=3, bg_num_points=4000, **options)
     model = cfg.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1,
                       metadata={"num_source_views": 3}).to(dev)
     torch.nn.init.normal_(model.heads.colour[-1].weight, std=0.05)
@@ -61,7 +75,14 @@ def test_compiled_decode_renders_the_eager_image(mode):
     model.segments.activate(0, 0, lambda: {k: g[k] for k in ("means", "colours", "log_scales", "offset")})
     H, W = 96, 160
     batch = SegmentBatch(0, 0, _views([0.0, 0.5, 1.0], H, W, dev, 1), _views([0.25, 0.75], H, W, dev, 2), True)
-    model.eval()
+    return model.eval(), batch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["fuse", "graphs"])
+def test_compiled_decode_renders_the_eager_image(mode):
+    model, batch = _gpu_model_and_batch(view_cull=False, render_tf32=False)
+    H, W = batch.target.height, batch.target.width
     with torch.no_grad():
         shared = model.extract_shared(batch)
         assert shared.num_gaussians > 1000
@@ -75,3 +96,25 @@ def test_compiled_decode_renders_the_eager_image(mode):
         assert r["accumulation"].mean() > 0.2  # a real picture
         torch.testing.assert_close(o["rgb"], r["rgb"], atol=2e-3, rtol=0)
         torch.testing.assert_close(o["accumulation"], r["accumulation"], atol=2e-3, rtol=0)
+
+
+@pytest.mark.gpu
+def test_tf32_render_is_scoped_and_close_to_float32():
+    """render_tf32: a render without gradient runs its matmuls on TF32 and restores torch's flag; the image stays
+    within a few 1e-3 of the float32 render; a render with gradient (training) is float32."""
+    model, batch = _gpu_model_and_batch()
+    tgt = batch.target
+    H, W = tgt.height, tgt.width
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad():
+        shared = model.extract_shared(batch)
+        fast = model.render_view(shared, tgt.extrinsics[0], tgt.intrinsics[0], H, W)
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # restored
+        model.config.render_tf32 = False
+        exact = model.render_view(shared, tgt.extrinsics[0], tgt.intrinsics[0], H, W)
+    assert exact["accumulation"].mean() > 0.2
+    assert 0 < (fast["rgb"] - exact["rgb"]).abs().max() < 1e-2  # TF32 was used, and it is close
+    model.config.render_tf32 = True
+    leaves = {k: v.detach().requires_grad_(True) for k, v in shared.outputs().items()}
+    train = model.render_view(shared.with_outputs(leaves), tgt.extrinsics[0], tgt.intrinsics[0], H, W)
+    torch.testing.assert_close(train["rgb"].detach(), exact["rgb"], atol=1e-5, rtol=0)

@@ -114,8 +114,8 @@ def _unet_run(net, f, c, cache, dtype=torch.float32):
 def test_cuda_igemm_equals_gather_at_segment_size():
     """On the GPU, at ~100k voxels: the compiled kernels against the gather-scatter twin.
 
-    * eval mode (batch norm with running statistics: the network is linear in each convolution): values and all
-      gradients agree to float32 rounding;
+    * eval mode (batch norm with running statistics: the network is linear in each convolution): values agree
+      with float64 to 1e-5 of their largest value, gradients to 1e-4 beyond the float32 gather path's error;
     * training mode: batch norm's backward over the small coarse levels amplifies float32 rounding (ours in float32
       is ~1e-2 relative from ours in float64 at this size), so each path is compared with the float64 gather path
       and the implicit GEMM must be no further from it than the float32 gather path (with margin);
@@ -127,23 +127,33 @@ def test_cuda_igemm_equals_gather_at_segment_size():
     c = torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1).to(dev)
     f = torch.randn(len(c), 3, generator=g).to(dev)
     nets = {impl: SparseUNet(3, 16, impl=impl).to(dev) for impl in ("gather", "igemm")}
-    nets["igemm"].load_state_dict(nets["gather"].state_dict())
     cache = KernelMapCache()
-    for net in nets.values():  # non-trivial running statistics for eval mode
-        with torch.no_grad():
-            net.train()(SparseTensor(f, c), cache=cache)
+    with torch.no_grad():  # non-trivial running statistics for eval mode
+        nets["gather"].train()(SparseTensor(f, c), cache=cache)
+    nets["igemm"].load_state_dict(nets["gather"].state_dict())
+
+    def err(u, ref):
+        return ((u.double() - ref).abs().max() / ref.abs().max()).item()
+
+    ref_net = SparseUNet(3, 16, impl="gather").to(dev).double()
+    ref_net.load_state_dict(nets["gather"].state_dict())
+    ref_net.eval()
+    y64, g64, p64 = _unet_run(ref_net, f, c, KernelMapCache(), torch.float64)
     res = {}
     for impl, net in nets.items():
         net.eval().zero_grad()
         res[impl] = _unet_run(net, f, c, cache)
     (ya, ga, pa), (yb, gb, pb) = res["gather"], res["igemm"]
-    torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-4 * ya.abs().max().item())
-    torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-4 * ga.abs().max().item())
-    for u, v in zip(pa, pb):
-        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-4 * u.abs().max().item())
+    # each float32 path against float64 (the input gradient sums thousands of terms of both signs: float32 rounding
+    # of the two summation orders differs by more than 1e-4 of its largest value at this size, so no path is the
+    # reference of the other)
+    assert err(yb, y64) < 1e-5 and err(ya, y64) < 1e-5, (err(yb, y64), err(ya, y64))
+    # gradients: within 1e-4 of their largest value from float64 (TF32 products would be ~1e-3; on the H200 the
+    # input gradient measured 3.3e-5 here, the gather path's 1.1e-7)
+    assert err(gb, g64) <= 4 * err(ga, g64) + 1e-4, (err(gb, g64), err(ga, g64))
+    for u, v, r in zip(pa, pb, p64):
+        assert err(v, r) <= 4 * err(u, r) + 1e-4, (err(v, r), err(u, r))
 
-    ref_net = SparseUNet(3, 16, impl="gather").to(dev).double()
-    ref_net.load_state_dict(nets["gather"].state_dict())
     ref_net.train()
     _, g64, p64 = _unet_run(ref_net, f, c, KernelMapCache(), torch.float64)
     runs = {}
@@ -152,9 +162,6 @@ def test_cuda_igemm_equals_gather_at_segment_size():
         net.load_state_dict(ref_net.state_dict())  # same running statistics before each training-mode pass
         net.train().zero_grad()
         runs.setdefault(impl, []).append(_unet_run(net, f, c, cache))
-
-    def err(u, ref):
-        return ((u.double() - ref).abs().max() / ref.abs().max()).item()
 
     (_, g32, p32), (_, gi, pi) = runs["gather"][0], runs["igemm"][0]
     assert err(gi, g64) <= 4 * err(g32, g64) + 1e-4, (err(gi, g64), err(g32, g64))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from evolsplat_ns.cameras import project_points
@@ -40,7 +41,8 @@ def brute_force_depth(uv, z, valid, level):
     return out
 
 
-def test_cloud_depth_equals_brute_force():
+@pytest.mark.parametrize("H,W", [(H, W), (45, 61)])  # 45 x 61: partial cells at every pyramid level
+def test_cloud_depth_equals_brute_force(H, W):
     g = torch.Generator().manual_seed(0)
     pts = torch.rand(300, 3, generator=g, dtype=torch.float64) * torch.tensor([4.0, 3.0, 8.0]) - torch.tensor(
         [2.0, 1.5, 1.0])  # some behind the camera

@@ -199,3 +199,20 @@ def test_float32_inputs_and_gradients_to_images():
     assert f.dtype == torch.float32
     f.sum().backward()
     assert images.grad is not None and torch.isfinite(images.grad).all()
+
+
+def test_features_with_and_without_autograd_are_equal():
+    """The features are written in place when no gradient is recorded and built by concatenation when one is:
+    the same values either way, zeros where a sample is invalid."""
+    c2w, K = cameras()
+    g = torch.Generator().manual_seed(1)
+    pts = torch.rand(200, 3, generator=g, dtype=torch.float64) * torch.tensor([6.0, 4.0, 9.0]) - torch.tensor(
+        [3.0, 2.0, 1.0])  # some behind the cameras, some outside the images
+    images = torch.rand(3, H, W, 3, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        f, valid, _ = sample_window_features(pts, images, c2w, K, None, radius=1)
+    f_grad, valid_grad, _ = sample_window_features(pts, images.clone().requires_grad_(), c2w, K, None, radius=1)
+    assert f_grad.requires_grad and not f.requires_grad
+    torch.testing.assert_close(f, f_grad.detach(), rtol=0, atol=0)
+    assert torch.equal(valid, valid_grad) and (~valid).any() and valid.any()
+    assert (f.reshape(200, -1, 4)[~valid] == 0).all()

@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evolsplat_ns.pointcloud.init import rgb_to_sh
@@ -107,7 +108,11 @@ class GaussianHeads(nn.Module):
     def predict_colour(self, fw: Tensor, vd: Tensor, base_rgb: Optional[Tensor] = None) -> Tensor:
         """SH coefficients ``[N, (sh_degree+1)^2, 3]`` from the window features and ``vd`` (the costly head); with
         ``base_rgb`` ``[N, 3]`` (in [0, 1]) the head's output corrects that colour (added to its degree-0 term)."""
-        sh = self.colour(torch.cat([fw, vd], dim=-1)).reshape(-1, self.num_sh, 3)
+        # colour[0] applied to [fw, vd] without building that [N, D + 4] copy (the largest tensor of a view): its
+        # weight split by columns, the vd part and the bias first, then fw @ W_fw^T added in one addmm
+        first, D = self.colour[0], fw.shape[-1]
+        h = torch.addmm(F.linear(vd, first.weight[:, D:], first.bias), fw, first.weight[:, :D].t())
+        sh = self.colour[1:](h).reshape(-1, self.num_sh, 3)
         if base_rgb is None:
             return sh
         dc = rgb_to_sh(base_rgb.to(sh.dtype))

@@ -49,32 +49,45 @@ def cloud_depth(uv: Tensor, z: Tensor, valid: Tensor, height: int, width: int, l
                 max_level: int = MAX_LEVEL) -> Tensor:
     """Nearest depth of the cloud in the cell of each point at its level.
 
+    The pyramid is built as a z-buffer of the pixels (one ``scatter_reduce`` "amin"), then 2x2 min-pooling per level
+    (a cell of level ``l`` is the union of its four children of level ``l - 1``; the border cells of an image whose
+    size is not a multiple of ``2^l`` are partial, as ``ceil_mode`` pools them); every point then reads its own
+    level's cell in one gather from the concatenated levels. Minima are exact, so this equals z-buffering each level
+    separately (tested against a brute-force reference).
+
     Args:
         uv: ``[V, N, 2]`` projected pixel positions (pixel ``(i, j)`` covers ``[j, j+1) x [i, i+1)``).
         z: ``[V, N]`` depths.
         valid: ``[V, N]`` bool, points that take part (in front of the camera, inside the image).
-        level: ``[V, N]`` pyramid level of each point (:func:`footprint_level`).
+        level: ``[V, N]`` pyramid level of each point (:func:`footprint_level`, 0..``max_level``).
 
     Returns:
         ``[V, N]`` depth ``D``; ``D <= z`` where ``valid`` (the point is in its own cell), 0 elsewhere.
     """
+    import torch.nn.functional as F
+
     V, N = z.shape
     dev = z.device
     col = torch.floor(uv[..., 0]).clamp(0, width - 1).long()
     row = torch.floor(uv[..., 1]).clamp(0, height - 1).long()
     big = torch.finfo(z.dtype).max
     zin = torch.where(valid, z, torch.full_like(z, big))
-    out = torch.zeros_like(z)
-    view = torch.arange(V, device=dev)[:, None].expand(V, N)
-    for lv in range(max_level + 1):
-        s = 1 << lv
-        gh, gw = (height + s - 1) // s, (width + s - 1) // s
-        cell = (view * gh + row // s) * gw + col // s  # [V, N] flat cell index over all views
-        zbuf = torch.full((V * gh * gw,), big, device=dev, dtype=z.dtype)
-        zbuf.scatter_reduce_(0, cell.reshape(-1), zin.reshape(-1), reduce="amin", include_self=True)
-        here = valid & (level == lv)
-        out = torch.where(here, zbuf[cell], out)
-    return out
+    view = torch.arange(V, device=dev)[:, None]
+    zbuf = torch.full((V * height * width,), big, device=dev, dtype=z.dtype)
+    zbuf.scatter_reduce_(0, ((view * height + row) * width + col).reshape(-1), zin.reshape(-1), reduce="amin",
+                         include_self=True)
+    levels, sizes = [zbuf], [(height, width)]
+    grid = zbuf.view(V, 1, height, width)
+    for _ in range(max_level):  # min over 2x2 children = -max(-x); partial border cells with ceil_mode
+        grid = -F.max_pool2d(-grid, kernel_size=2, stride=2, ceil_mode=True)
+        levels.append(grid.reshape(-1))
+        sizes.append(tuple(grid.shape[-2:]))
+    offsets = torch.tensor([0] + [x.numel() for x in levels[:-1]], device=dev).cumsum(0)
+    gh = torch.tensor([h for h, _ in sizes], device=dev)
+    gw = torch.tensor([w for _, w in sizes], device=dev)
+    lv = level.clamp(0, max_level)
+    idx = offsets[lv] + (view * gh[lv] + (row >> lv)) * gw[lv] + (col >> lv)
+    return torch.where(valid, torch.cat(levels)[idx], torch.zeros_like(z))
 
 
 def fill_unknown_depth(data_depth: Tensor, cloud: Tensor) -> Tensor:

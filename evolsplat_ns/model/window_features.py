@@ -32,7 +32,7 @@ from typing import Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import Tensor
 
 from evolsplat_ns.cameras import project_points
@@ -133,11 +133,19 @@ def sample_window_features(
         d_data = torch.where(rearrange(k, "v 1 n 1 -> v n") > 1 - 1e-6, rearrange(d_data, "v 1 n 1 -> v n"), 0.0)
         d_centre = fill_unknown_depth(d_data, d_centre)
     vis = z - d_centre  # [V, N]
-    vis = repeat(vis, "v n -> v n s 1", s=S)
 
-    feat = torch.cat([rgb, vis], dim=-1)  # [V, N, S, 4]
-    feat = torch.where(valid[..., None], feat, torch.zeros_like(feat))
-    features = rearrange(feat, "v n s c -> n (v s c)")
+    V, N = z.shape
+    ok = rearrange(valid, "v n s -> n v s 1")
+    rgb_n, vis_n = rearrange(rgb, "v n s c -> n v s c"), rearrange(vis, "v n -> n v 1 1").expand(N, V, S, 1)
+    zero = torch.zeros((), dtype=dtype, device=points.device)
+    if torch.is_grad_enabled() and (rgb.requires_grad or vis.requires_grad):  # autograd cannot write into out=
+        features = torch.where(ok, torch.cat([rgb_n, vis_n], dim=-1), zero)
+    else:  # written once, in the output layout (no concatenated or masked copies of this, the largest tensor of the
+        # extraction): colour channels, then the visibility broadcast over the window; 0 where invalid
+        features = torch.empty(N, V, S, 4, dtype=dtype, device=points.device)
+        torch.where(ok, rgb_n, zero, out=features[..., :3])
+        torch.where(ok, vis_n, zero, out=features[..., 3:])
+    features = features.reshape(N, V * S * 4)
     valid = rearrange(valid, "v n s -> n (v s)")
     projection_mask = valid.sum(dim=-1) > radius * radius + 1
     return features, valid, projection_mask

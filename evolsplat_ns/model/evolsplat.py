@@ -110,8 +110,9 @@ class EvolSplatModelConfig(ModelConfig):
     """Per target view, Gaussians that cannot reach the image (behind the near plane, or 3 sigma outside it, by a
     conservative bound) skip the colour head and the rasterizer. The image is unchanged (tested)."""
     tf32_matmul: bool = False
-    """Let CUDA matmuls (heads, sparse convolutions) use TF32 tensor cores: ~1 ms less per rendered view (B2). A
-    process-wide torch setting, so it is off by default (it would also change the precision of the user's code)."""
+    """Let every CUDA matmul (heads, sparse convolutions), training included, use TF32 tensor cores. A process-wide
+    torch setting, so it is off by default (it would also change the precision of the user's code); renders without
+    gradient use TF32 anyway with ``render_tf32``."""
     render_tf32: bool = True
     """Renders without gradient on CUDA (viewer, evaluation, inference, B2) run their matmuls (the heads) on TF32
     tensor cores, the torch flag set for the render and restored after it: ~1.5-2.5 ms less per KITTI-360-size view

@@ -1,5 +1,6 @@
 """Where the time goes at KITTI-360 size: torch.profiler over render_view (B2) and over the shared extraction of a
-segment seen for the first time, kernel maps included (B1).
+segment seen for the first time, kernel maps included (B1). One train view's forward + backward, and each stage of a
+view timed apart: ``benchmarks/profile_view_stages.py``.
 
 Usage (GPU machine): ``python benchmarks/profile_render.py [CHECKPOINT]`` (a trained evolsplat-ff checkpoint with 3
 source views: profile what trained weights pay; default untrained)
@@ -53,27 +54,6 @@ def main():
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
-    # B3's per-view part: one target view's forward + backward into the cut leaves (what T multiplies)
-    model.train()
-    shared = model.extract_shared(batch)
-    cut = shared.with_outputs({k: v.detach().requires_grad_(True) for k, v in shared.outputs().items()})
-    tgt = batch.target
-
-    def view_step():
-        out = model.render_view(cut, tgt.extrinsics[0], tgt.intrinsics[0], tgt.height, tgt.width)
-        sum(model.view_loss(out, tgt.image[0], 1).values()).backward()
-
-    for _ in range(3):
-        view_step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            with torch.profiler.record_function("train_view_forward_backward"):
-                view_step()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":

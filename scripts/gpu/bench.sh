@@ -8,4 +8,7 @@ python3 benchmarks/bench_model.py --out "$OUT/bench_model.json" 2>&1 | tee "$OUT
 python3 benchmarks/bench_sparse_unet.py --device cuda --num-voxels 813000 --out "$OUT/bench_sparse_unet.json" \
     > "$OUT/bench_sparse_unet.log" 2>&1
 tail -5 "$OUT/bench_sparse_unet.log"
-if [ "${PROFILE:-1}" = 1 ]; then python3 benchmarks/profile_render.py > "$OUT/profile.txt" 2>&1; fi
+if [ "${PROFILE:-1}" = 1 ]; then
+    python3 benchmarks/profile_render.py > "$OUT/profile.txt" 2>&1
+    OUT="$OUT" python3 benchmarks/profile_view_stages.py > "$OUT/profile_view_stages.txt" 2>&1
+fi

@@ -20,3 +20,4 @@ CKPT=$(ls outputs/trained/t/evolsplat-ff/run/nerfstudio_models/*.ckpt | tail -1)
 python3 benchmarks/bench_model.py --weights "$CKPT" --out "$RES/bench_model_trained.json" 2>&1 \
     | tee "$RES/bench_model_trained.log" | grep -v "^ "
 python3 benchmarks/profile_render.py "$CKPT" > "$RES/profile_trained.txt" 2>&1
+OUT="$RES" python3 benchmarks/profile_view_stages.py "$CKPT" > "$RES/profile_view_stages_trained.txt" 2>&1

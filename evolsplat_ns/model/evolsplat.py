@@ -191,10 +191,9 @@ class EvolSplatModel(Model):
     config: EvolSplatModelConfig
 
     def populate_modules(self) -> None:
+        from evolsplat_ns.errors import ConfigError
         from evolsplat_ns.model.segment_state import SegmentStateStore
         from evolsplat_ns.model.sparse import build_unet
-
-        from evolsplat_ns.errors import ConfigError
 
         if not 1 <= self.config.raster_tile_size <= 32:
             raise ConfigError(f"--pipeline.model.raster-tile-size {self.config.raster_tile_size}: expected 1 to 32 "

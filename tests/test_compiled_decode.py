@@ -1,7 +1,8 @@
-"""The per-view decode (:meth:`GaussianHeads.decode`) and its compiled twin (``compile_decode``).
+"""The per-view decode (:meth:`GaussianHeads.decode`), its compiled twin (``compile_decode``) and the render options.
 
-CPU: the one-function decode equals the heads it combines. GPU machine: a render through the compiled decode
-(fused kernels, and CUDA graphs) equals the eager render of the same reconstruction.
+CPU: the one-function decode equals the heads it combines; the colour head applied by parts is the same network; the
+dome's shapes and the tile size keep the image. GPU machine: a render through the compiled decode (fused kernels, and
+CUDA graphs) equals the eager render of the same reconstruction; TF32 renders are scoped and close to float32.
 """
 
 import pytest
@@ -58,30 +59,51 @@ def _views(xs, H, W, device, seed):
                  keyframe_indices=torch.arange(n, device=device))
 
 
-def _gpu_model_and_batch(**options):
+def _model_and_batch(device="cuda", points=30000, H=96, W=160, **options):
     from nerfstudio.data.scene_box import SceneBox
 
     from evolsplat_ns.model.evolsplat import EvolSplatModelConfig
     from evolsplat_ns.pointcloud.init import init_gaussians
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     torch.manual_seed(0)
     cfg = EvolSplatModelConfig(num_source_views=3, bg_num_points=4000, **options)
     model = cfg.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1,
                       metadata={"num_source_views": 3}).to(dev)
     torch.nn.init.normal_(model.heads.colour[-1].weight, std=0.05)
-    pts = torch.rand(30000, 3) * torch.tensor([8.0, 4.0, 20.0]) + torch.tensor([-4.0, -2.0, 3.0])
+    pts = torch.rand(points, 3) * torch.tensor([8.0, 4.0, 20.0]) + torch.tensor([-4.0, -2.0, 3.0])
     g = init_gaussians(pts.numpy(), torch.rand(len(pts), 3).numpy(), sh_degree=1, seed=0, device=dev)
     model.segments.activate(0, 0, lambda: {k: g[k] for k in ("means", "colours", "log_scales", "offset")})
-    H, W = 96, 160
     batch = SegmentBatch(0, 0, _views([0.0, 0.5, 1.0], H, W, dev, 1), _views([0.25, 0.75], H, W, dev, 2), True)
     return model.eval(), batch
+
+
+def test_render_options_keep_the_image_and_are_checked():
+    """The dome's shapes (compact or fixed) give the same image through the model; the rasterizer tile size moves
+    only the 3-sigma cut; an impossible tile size is refused when the model is built."""
+    from evolsplat_ns.errors import ConfigError
+
+    model, batch = _model_and_batch("cpu", points=3000, H=24, W=40)
+    tgt = batch.target
+    with torch.no_grad():
+        shared = model.extract_shared(batch)
+        out = {}
+        for shapes in ("compact", "fixed"):
+            model.config.bg_shapes = shapes
+            out[shapes] = model.render_view(shared, tgt.extrinsics[0], tgt.intrinsics[0], 24, 40)
+        model.config.raster_tile_size = 16
+        out["tile16"] = model.render_view(shared, tgt.extrinsics[0], tgt.intrinsics[0], 24, 40)
+    assert out["compact"]["accumulation"].mean() > 0.2
+    torch.testing.assert_close(out["fixed"]["rgb"], out["compact"]["rgb"], atol=1e-6, rtol=0)
+    assert (out["tile16"]["rgb"] - out["fixed"]["rgb"]).abs().max() < 0.011
+    with pytest.raises(ConfigError, match="raster-tile-size"):
+        _model_and_batch("cpu", points=100, H=8, W=8, raster_tile_size=64)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["fuse", "graphs"])
 def test_compiled_decode_renders_the_eager_image(mode):
-    model, batch = _gpu_model_and_batch(view_cull=False, render_tf32=False)
+    model, batch = _model_and_batch(view_cull=False, render_tf32=False)
     H, W = batch.target.height, batch.target.width
     with torch.no_grad():
         shared = model.extract_shared(batch)
@@ -102,7 +124,7 @@ def test_compiled_decode_renders_the_eager_image(mode):
 def test_tf32_render_is_scoped_and_close_to_float32():
     """render_tf32: a render without gradient runs its matmuls on TF32 and restores torch's flag; the image stays
     within a few 1e-3 of the float32 render; a render with gradient (training) is float32."""
-    model, batch = _gpu_model_and_batch()
+    model, batch = _model_and_batch()
     tgt = batch.target
     H, W = tgt.height, tgt.width
     torch.backends.cuda.matmul.allow_tf32 = False

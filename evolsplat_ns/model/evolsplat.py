@@ -191,13 +191,11 @@ class EvolSplatModel(Model):
     config: EvolSplatModelConfig
 
     def populate_modules(self) -> None:
-        from evolsplat_ns.errors import ConfigError
+        from evolsplat_ns.model.render import check_tile_size
         from evolsplat_ns.model.segment_state import SegmentStateStore
         from evolsplat_ns.model.sparse import build_unet
 
-        if not 1 <= self.config.raster_tile_size <= 32:
-            raise ConfigError(f"--pipeline.model.raster-tile-size {self.config.raster_tile_size}: expected 1 to 32 "
-                              "pixels (gsplat runs one thread per pixel of a tile, at most 1024)")
+        check_tile_size(self.config.raster_tile_size, "--pipeline.model.raster-tile-size")  # before any long work
         meta = self.kwargs.get("metadata") or {}
         V = self.config.num_source_views or int(meta.get("num_source_views", 3))
         self.num_source_views = V

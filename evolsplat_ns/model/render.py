@@ -19,6 +19,20 @@ from evolsplat_ns.model.rasterize_torch import EPS2D, TILE_SIZE, rasterize_gauss
 Backend = Literal["auto", "gsplat", "torch"]
 
 
+MAX_TILE_SIZE = 32
+"""gsplat runs one thread per pixel of a tile, at most 1024 per block."""
+
+
+def check_tile_size(tile_size: int, option: str = "tile_size") -> int:
+    """``tile_size`` as an int, or a :class:`~evolsplat_ns.errors.ConfigError` (a ``ValueError``) naming ``option``."""
+    from evolsplat_ns.errors import ConfigError
+
+    if not 1 <= int(tile_size) <= MAX_TILE_SIZE:
+        raise ConfigError(f"{option} {tile_size}: expected 1 to {MAX_TILE_SIZE} pixels (gsplat runs one thread per "
+                          "pixel of a tile, at most 1024)")
+    return int(tile_size)
+
+
 def resolve_backend(backend: Backend, device: torch.device) -> str:
     """``"auto"`` -> ``"gsplat"`` for CUDA tensors, ``"torch"`` otherwise; other values are checked and returned."""
     if backend == "auto":
@@ -123,8 +137,7 @@ def render_gaussians(
         - **depth**: ``[H, W, 1]`` expected z-depth (only with ``render_depth``; meaningless where alpha ~ 0).
         - **info**: gsplat's info dict, or None (only with ``return_info``).
     """
-    if not 1 <= int(tile_size) <= 32:
-        raise ValueError(f"tile_size {tile_size}: expected 1 to 32 pixels (gsplat runs one thread per tile pixel)")
+    tile_size = check_tile_size(tile_size)
     batched = c2w.dim() == 3
     c2w_b = c2w if batched else c2w[None]
     C = c2w_b.shape[0]

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 MAX_LEVEL = 4
@@ -64,8 +65,6 @@ def cloud_depth(uv: Tensor, z: Tensor, valid: Tensor, height: int, width: int, l
     Returns:
         ``[V, N]`` depth ``D``; ``D <= z`` where ``valid`` (the point is in its own cell), 0 elsewhere.
     """
-    import torch.nn.functional as F
-
     V, N = z.shape
     dev = z.device
     col = torch.floor(uv[..., 0]).clamp(0, width - 1).long()
@@ -76,17 +75,19 @@ def cloud_depth(uv: Tensor, z: Tensor, valid: Tensor, height: int, width: int, l
     zbuf = torch.full((V * height * width,), big, device=dev, dtype=z.dtype)
     zbuf.scatter_reduce_(0, ((view * height + row) * width + col).reshape(-1), zin.reshape(-1), reduce="amin",
                          include_self=True)
-    levels, sizes = [zbuf], [(height, width)]
+    levels = [zbuf]
     grid = zbuf.view(V, 1, height, width)
     for _ in range(max_level):  # min over 2x2 children = -max(-x); partial border cells with ceil_mode
         grid = -F.max_pool2d(-grid, kernel_size=2, stride=2, ceil_mode=True)
         levels.append(grid.reshape(-1))
-        sizes.append(tuple(grid.shape[-2:]))
-    offsets = torch.tensor([0] + [x.numel() for x in levels[:-1]], device=dev).cumsum(0)
-    gh = torch.tensor([h for h, _ in sizes], device=dev)
-    gw = torch.tensor([w for _, w in sizes], device=dev)
+    # level l is ceil(H / 2^l) x ceil(W / 2^l) cells per view (ceil_mode's sizes), computed on the device: no
+    # host-to-device copy (a pageable one would synchronise the stream)
     lv = level.clamp(0, max_level)
-    idx = offsets[lv] + (view * gh[lv] + (row >> lv)) * gw[lv] + (col >> lv)
+    gh, gw = ((height - 1) >> lv) + 1, ((width - 1) >> lv) + 1
+    all_lv = torch.arange(max_level + 1, device=dev)
+    cells = V * (((height - 1) >> all_lv) + 1) * (((width - 1) >> all_lv) + 1)
+    offsets = cells.cumsum(0) - cells  # where each level starts in the concatenation
+    idx = offsets[lv] + (view * gh + (row >> lv)) * gw + (col >> lv)
     return torch.where(valid, torch.cat(levels)[idx], torch.zeros_like(z))
 
 

@@ -252,10 +252,7 @@ def main():
         tgt = batch.target
         for name, over in variants.items():
             for k, v in {**defaults, **over}.items():
-                if k != "tf32":
-                    setattr(cfg, k, v)
-            if device.type == "cuda":
-                torch.backends.cuda.matmul.allow_tf32 = over.get("tf32", cfg.tf32_matmul)
+                setattr(cfg, k, v)
             warmup = warm + (5 if "compile_decode" in over else 0)  # compile, record the graph
             t_first = time.perf_counter()
             r = timed(lambda: render_one(model, shared, tgt, 0), iters * 3, warmup, device)
@@ -266,8 +263,6 @@ def main():
             print("B2", name, r, flush=True)
         for k, v in defaults.items():
             setattr(cfg, k, v)
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32_matmul
         from evolsplat_ns.model.render import visible_gaussians
 
         v0 = visible_gaussians(shared.means, torch.exp(shared.base_log_scale), tgt.extrinsics[0],

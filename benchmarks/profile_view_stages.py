@@ -26,7 +26,7 @@ from evolsplat_ns.data.batch import SegmentBatch
 from evolsplat_ns.model.heads import view_inputs
 from evolsplat_ns.model.render import visible_gaussians, render_gaussians
 from evolsplat_ns.cameras import world_to_camera
-from gsplat.cuda._wrapper import fully_fused_projection, isect_tiles, isect_offset_encode, rasterize_to_pixels, spherical_harmonics
+from gsplat import fully_fused_projection, isect_offset_encode, isect_tiles, rasterize_to_pixels, spherical_harmonics
 
 dev = torch.device("cuda")
 R = {}
@@ -65,12 +65,8 @@ with torch.no_grad():
     R["render_one_wall"] = t(lambda: render_one(model, shared, tgt, 0))
     R["render_one_gpu"] = ev(lambda: render_one(model, shared, tgt, 0))
     f3, means, fw, base = shared.f3, shared.means, shared.fw, shared.base_rgb
-    def decode():
-        dist, d = view_inputs(means, c2w[:3, 3]); vd = torch.cat([dist, d], -1)
-        dlog, q, o = model.heads.predict_geometry(f3, vd)
-        sc = torch.exp(dlog + shared.base_log_scale)
-        sh = model.heads.predict_colour(fw, vd, base)
-        return sc, q, torch.sigmoid(o), sh
+    def decode():  # the heads' one-function decode (every point; the render's eager path is the same maths)
+        return model.heads.decode(f3, fw, torch.cat(view_inputs(means, c2w[:3, 3]), -1), base, shared.base_log_scale)
     R["decode_wall"] = t(decode); R["decode_gpu"] = ev(decode)
     sc, q, o, sh = decode()
     R["cull_wall"] = t(lambda: visible_gaussians(means, sc, c2w, K, H, W))

@@ -169,9 +169,6 @@ def test_cuda_igemm_equals_gather_at_segment_size(segment_size_runs):
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=False, reason="open (docs/BENCHMARKS.md, session 8): on the H200 one kernel's eval-mode "
-                   "weight gradient is 7.8e-4 of its largest value from float64 (gather 1.4e-6), while the kernels "
-                   "alone are exact to 1e-6 there and the whole comparison passes on the CPU under the interpreter")
 def test_cuda_igemm_weight_gradients_at_segment_size(segment_size_runs):
     """Every kernel's weight gradient within 1e-4 of its largest value beyond the gather path's error, in eval and
     in training mode."""

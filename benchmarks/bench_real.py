@@ -149,7 +149,7 @@ def trace(config: Path, steps) -> list:
 
 
 def splatfacto(config: Path, budgets, out: Path, images: int, methods=("splatfacto",), ft_overrides=None,
-               bake: str = "middle") -> dict:
+               bake: str = "middle", schedule: str = "budget") -> dict:
     from nerfstudio.utils.eval_utils import eval_setup
 
     _, pipe, _, _ = eval_setup(config, test_mode="test")
@@ -157,7 +157,8 @@ def splatfacto(config: Path, budgets, out: Path, images: int, methods=("splatfac
     for sid in pipe.datamanager.eval_scene_ids:
         name = pipe.datamanager.scenes[sid].name
         report["scenes"][name] = compare_scene(pipe, sid, out / name, out / "runs", name, budgets, images,
-                                               out / f"real_splatfacto_{name}", methods, ft_overrides, bake)
+                                               out / f"real_splatfacto_{name}", methods, ft_overrides, bake,
+                                               schedule)
     return report
 
 
@@ -182,6 +183,8 @@ def main() -> None:
     f.add_argument("--ft-option", nargs="+", default=[], type=parse_option, metavar="FIELD=VALUE",
                    help="evolsplat-ft config fields for the fine-tuning run")
     f.add_argument("--bake", choices=["middle", "sources"], default="middle")
+    f.add_argument("--schedule", choices=["budget", "steps"], default="budget",
+                   help="fine-tuning schedule: stretched over each budget (one run each) or splatfacto's by steps")
     f.add_argument("--load-config", type=Path, required=True)
     f.add_argument("--budgets", type=float, nargs="+", default=[30.0, 300.0])
     f.add_argument("--out", type=Path, required=True)
@@ -196,7 +199,8 @@ def main() -> None:
     elif a.stage == "trace":
         report = {str(c): trace(c, a.steps) for c in a.load_config}
     else:
-        report = splatfacto(a.load_config, a.budgets, a.out, a.images, a.methods, dict(a.ft_option), a.bake)
+        report = splatfacto(a.load_config, a.budgets, a.out, a.images, a.methods, dict(a.ft_option), a.bake,
+                            a.schedule)
     (a.out / f"bench_real_{a.stage}.json").write_text(json.dumps(report, indent=2))
     print(f"columns of the images: ground truth | ours | seed cloud (eval); ground truth | ours | splatfacto "
           f"budgets (splatfacto). JSON: {a.out / f'bench_real_{a.stage}.json'}")

@@ -112,7 +112,8 @@ def run_splatfacto(scene_dir: Path, runs_dir: Path, name: str, budgets, metric, 
 
 
 def compare_scene(pipe, scene_id: int, scene_dir: Path, runs_dir: Path, name: str, budgets, images: int,
-                  png_prefix: Path, methods=("splatfacto",), ft_overrides=None, bake: str = "middle") -> dict:
+                  png_prefix: Path, methods=("splatfacto",), ft_overrides=None, bake: str = "middle",
+                  schedule: str = "budget") -> dict:
     """One held-out scene: export it (:func:`export_scene`), score the feed-forward renders and, for each of
     ``methods`` ("splatfacto": from the seed cloud; "finetune": from the merged feed-forward Gaussians), the
     optimisation after each budget on the same views, and save ``images`` side-by-side PNGs
@@ -135,7 +136,7 @@ def compare_scene(pipe, scene_id: int, scene_dir: Path, runs_dir: Path, name: st
 
         ft = finetune_scene(pipe, scene_id, scene_dir.parent / f"{name}_finetune", list(budgets),
                             {k: row["evolsplat_ff"][k] for k in ("psnr", "ssim")}, keep_renders=True,
-                            overrides=ft_overrides, bake=bake)
+                            overrides=ft_overrides, bake=bake, schedule=schedule)
         renders[f"finetuned_{int(max(budgets))}s"] = ft.pop("renders")
         row["finetune_curve"] = ft["curve"]
         row["merged_start"] = ft["merged_start"]
@@ -214,6 +215,10 @@ def main():
                     help="evolsplat-ft config fields, e.g. pipeline.model.reset_alpha_every=1000")
     ap.add_argument("--bake", choices=["middle", "sources"], default="middle",
                     help="viewpoints the fine-tuning start is decoded for (evolsplat_ns.finetune.merge)")
+    ap.add_argument("--schedule", choices=["budget", "steps"], default="budget",
+                    help="fine-tuning schedule (evolsplat_ns.finetune.run.train_on_the_clock): 'budget' stretches "
+                         "the learning-rate decay over each budget, one run per budget; 'steps': splatfacto's, one "
+                         "run scored after each budget")
     args = ap.parse_args()
     if args.merge:
         merge_reports(args.merge, args.out)
@@ -230,7 +235,7 @@ def main():
     for sid in pipe.datamanager.eval_scene_ids[: args.scenes]:
         row = compare_scene(pipe, sid, args.out / f"scene{sid:03d}", args.out / "runs", f"scene{sid:03d}", args.budgets,
                             args.images, args.out / f"b7b_scene{sid:03d}", methods, dict(args.ft_option),
-                            args.bake)
+                            args.bake, args.schedule)
         report["scenes"][str(sid)] = row
         print(json.dumps(row, indent=1), flush=True)
     (args.out / "bench_splatfacto.json").write_text(json.dumps(report, indent=2))

@@ -13,7 +13,7 @@ conversion between the two is a right-multiplication by ``diag(1, -1, -1, 1)`` a
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -151,9 +151,11 @@ def to_nerfstudio_cameras(c2w: torch.Tensor, K: torch.Tensor, height, width):
     )
 
 
-def from_nerfstudio_cameras(cameras) -> tuple[torch.Tensor, torch.Tensor]:
-    """nerfstudio ``Cameras`` (OpenGL 3x4) -> (OpenCV ``c2w`` ``[V, 4, 4]``, ``K`` ``[V, 3, 3]``)."""
-    c2w34 = cameras.camera_to_worlds.reshape(-1, 3, 4)
+def from_nerfstudio_cameras(cameras, camera_to_worlds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """nerfstudio ``Cameras`` (OpenGL 3x4) -> (OpenCV ``c2w`` ``[V, 4, 4]``, ``K`` ``[V, 3, 3]``).
+    ``camera_to_worlds``: OpenGL ``[V, 3, 4]`` poses to use instead of the cameras' own (a pose-optimised copy),
+    without building another ``Cameras``."""
+    c2w34 = (cameras.camera_to_worlds if camera_to_worlds is None else camera_to_worlds).reshape(-1, 3, 4)
     V = c2w34.shape[0]
     c2w = torch.eye(4, dtype=c2w34.dtype, device=c2w34.device).repeat(V, 1, 1)
     c2w[:, :3, :4] = c2w34

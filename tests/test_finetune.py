@@ -96,3 +96,75 @@ def test_baking_several_viewpoints_averages_what_a_static_set_can_hold():
     two = bake_views([{**g, "opacity_logit": torch.full_like(g["opacity_logit"], 20.0)}, flipped])
     torch.testing.assert_close(two["quats"], g["quats"])
     torch.testing.assert_close(torch.sigmoid(two["opacity_logit"]), torch.full((50,), 0.5))  # 1 and 0 -> 0.5
+
+
+def test_a_budget_schedule_ends_decayed_whatever_the_step_count():
+    """schedule="budget" (evolsplat-ns-infer --finetune-seconds): the configured decay is followed against the
+    fraction of the budget spent, so a run of 2,000 steps ends at the rate a 30,000-step schedule ends at; groups
+    without a schedule keep theirs, and the model is told when to stop densifying."""
+    from types import SimpleNamespace
+
+    from nerfstudio.engine.optimizers import AdamOptimizerConfig, Optimizers
+
+    from evolsplat_ns.configs import make_finetune_config
+    from evolsplat_ns.errors import ConfigError
+    from evolsplat_ns.finetune.run import follow_budget, train_on_the_clock
+
+    spec = make_finetune_config().optimizers
+    config = {k: spec[k] for k in ("means", "opacities")}
+    params = {k: [torch.nn.Parameter(torch.zeros(3))] for k in config}
+    optimizers = Optimizers(config, params)
+    calls = []
+    model = SimpleNamespace(follow_budget=lambda f, s: calls.append((f, s)))
+    trainer = SimpleNamespace(config=SimpleNamespace(optimizers=config), optimizers=optimizers,
+                              pipeline=SimpleNamespace(model=model))
+
+    def lr(name):
+        return optimizers.optimizers[name].param_groups[0]["lr"]
+
+    lr0, lr1 = config["means"]["optimizer"].lr, config["means"]["scheduler"].lr_final
+    for fraction, want in ((0.0, lr0), (0.5, (lr0 * lr1) ** 0.5), (1.0, lr1), (3.0, lr1)):
+        follow_budget(trainer, fraction, step=7)
+        assert lr("means") == pytest.approx(want, rel=1e-6)
+        assert lr("opacities") == config["opacities"]["optimizer"].lr
+    assert calls[-1] == (1.0, 7)  # clamped to the budget
+    assert isinstance(config["opacities"]["optimizer"], AdamOptimizerConfig)
+    with pytest.raises(ConfigError, match="schedule"):
+        train_on_the_clock(trainer, [1.0], schedule="cosine")
+
+
+def test_densification_stops_at_its_fraction_of_the_budget():
+    from types import SimpleNamespace
+
+    from evolsplat_ns.finetune.model import EvolSplatFinetuneModel, EvolSplatFinetuneModelConfig
+
+    model = SimpleNamespace(config=EvolSplatFinetuneModelConfig(budget_refine_stop=0.5),
+                            strategy=SimpleNamespace(refine_stop_iter=15000))
+    EvolSplatFinetuneModel.follow_budget(model, 0.49, 800)
+    assert model.strategy.refine_stop_iter == 15000
+    EvolSplatFinetuneModel.follow_budget(model, 0.5, 812)
+    EvolSplatFinetuneModel.follow_budget(model, 0.9, 1400)  # stays stopped where it stopped
+    assert model.strategy.refine_stop_iter == 812
+
+
+def test_training_psnr_is_torchmetrics_psnr():
+    """The fine-tuning model's per-step ``psnr`` (computed directly, without torchmetrics' state bookkeeping) is
+    the value splatfacto's torchmetrics metric gives, uint8 ground truth included."""
+    from types import SimpleNamespace
+
+    from nerfstudio.models.splatfacto import SplatfactoModel
+    from torchmetrics.image import PeakSignalNoiseRatio
+
+    from evolsplat_ns.finetune.model import EvolSplatFinetuneModel, EvolSplatFinetuneModelConfig
+
+    g = torch.Generator().manual_seed(0)
+    gt = (torch.rand(12, 20, 3, generator=g) * 255).to(torch.uint8)
+    pred = torch.rand(12, 20, 3, generator=g)
+    model = SimpleNamespace(training=True, config=EvolSplatFinetuneModelConfig(), num_points=17, device="cpu",
+                            _get_downscale_factor=lambda: 1, _downscale_if_required=lambda im: im,
+                            camera_optimizer=SimpleNamespace(get_metrics_dict=lambda d: None))
+    model.get_gt_img = lambda im: SplatfactoModel.get_gt_img(model, im)
+    model.composite_with_background = lambda im, bg: SplatfactoModel.composite_with_background(model, im, bg)
+    m = EvolSplatFinetuneModel.get_metrics_dict(model, {"rgb": pred, "background": torch.zeros(3)}, {"image": gt})
+    want = PeakSignalNoiseRatio(data_range=1.0)(pred, gt.float() / 255.0)
+    assert float(m["psnr"]) == pytest.approx(float(want), rel=1e-5) and m["gaussian_count"] == 17

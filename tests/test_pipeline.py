@@ -367,8 +367,31 @@ def test_zero_shot_then_finetune(trained, data_root, tmp_path):
     assert g["means"].shape[0] == row["gaussians"]["finetuned"] > 0
     _, pipe, _, step = eval_setup(Path(row["config"]), test_mode="test")  # what ns-viewer / ns-eval load
     assert step == 3 and pipe.model.num_points == row["gaussians"]["finetuned"]
+    # the default schedule is stretched over the run (here its 4 steps): it ends at splatfacto's final rate
+    ckpt = torch.load(next(Path(row["config"]).parent.glob("nerfstudio_models/*.ckpt")), weights_only=False)
+    assert ckpt["optimizers"]["means"]["param_groups"][0]["lr"] == pytest.approx(1.6e-6, rel=1e-3)
     cam = pipe.datamanager.eval_dataset.cameras[0:1]
     assert pipe.model.get_outputs_for_camera(cam)["rgb"].shape[-1] == 3
+
+
+def test_a_budget_curve_is_one_fine_tuning_run_per_budget(trained, tmp_path):
+    """With the budget schedule a run's learning rates depend on its budget, so a curve over several budgets is one
+    run per budget from the same start (the benchmark's curves); the last budget's run is the result."""
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from evolsplat_ns.finetune.run import finetune_scene
+
+    cfg, _ = trained
+    _, pipe, _, _ = eval_setup(cfg.get_base_dir() / "config.yml", test_mode="test")
+    sid = pipe.datamanager.eval_scene_ids[0]
+    r = finetune_scene(pipe, sid, tmp_path / "ft", [1200, 600], {"psnr": 0.0, "ssim": 0.0}, max_steps=2)
+    assert [p["steps"] for p in r["curve"]] == [0, 2, 2] and r["steps"] == 2
+    runs = sorted(p.name for p in (tmp_path / "ft" / "runs").glob("*/evolsplat-ft/*"))
+    assert runs == ["run", "run_600s"] and Path(r["config"]).parent.name == "run"
+    one = finetune_scene(pipe, sid, tmp_path / "steps", [600, 1200], {"psnr": 0.0, "ssim": 0.0}, max_steps=2,
+                         schedule="steps")  # splatfacto's schedule: one run, scored after each budget
+    assert [p["steps"] for p in one["curve"]] == [0, 2, 2]
+    assert [p.name for p in (tmp_path / "steps" / "runs").glob("*/evolsplat-ft/*")] == ["run"]
 
 
 def test_infer_output_is_never_a_mix_and_errors_name_their_cause(trained, data_root, tmp_path, capsys):

@@ -53,6 +53,10 @@ class InferArgs:
     fine-tuned 3DGS PLY in the data's world frame; ``metrics.json`` gets ``feed_forward`` and ``finetuned``."""
     finetune_max_steps: Optional[int] = None
     """Stop fine-tuning after this many steps even if time is left (tests, reproducible runs)."""
+    finetune_schedule: Literal["budget", "steps"] = "budget"
+    """'budget': the learning-rate decay and the end of densification are stretched over ``--finetune-seconds``
+    (and ``--finetune-max-steps``), so the run ends refined, as a full-length splatfacto run does; 'steps':
+    splatfacto's schedule step by step, as ``ns-train evolsplat-ft`` runs it (a short run then ends mid-schedule)."""
     verbose: bool = False
 
 
@@ -219,7 +223,7 @@ def _finetune(pipeline, result, out: Path, args: InferArgs) -> Dict[str, object]
         ff = {k: sum(float(r[k]) for r in views) / len(views) for k in ("psnr", "ssim")}
         name = pipeline.datamanager.scenes[sid].name
         rows.append(finetune_scene(pipeline, sid, out / "finetune" / name, args.finetune_seconds, ff,
-                                   max_steps=args.finetune_max_steps))
+                                   max_steps=args.finetune_max_steps, schedule=args.finetune_schedule))
     total = sum(r["num_views"] for r in rows)
 
     def mean(key):

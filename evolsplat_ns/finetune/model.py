@@ -47,6 +47,10 @@ class EvolSplatFinetuneModelConfig(SplatfactoModelConfig):
     """'auto' (gsplat on CUDA, the PyTorch reference rasterizer on the CPU), 'gsplat' or 'torch'."""
     raster_tile_size: int = 16
     """Pixel tile size of the rasterizer (gsplat's default 16; see the feed-forward model's option of that name)."""
+    budget_refine_stop: float = 0.5
+    """On a wall-clock budget (``evolsplat-ns-infer --finetune-seconds`` with its default schedule 'budget'):
+    densification (growing, pruning, opacity resets) stops after this fraction of the budget, as splatfacto stops
+    it at step 15,000 of 30,000; the rest of the budget refines a fixed set while the learning rates decay."""
 
 
 class _NaNMetric(torch.nn.Module):
@@ -108,6 +112,25 @@ class EvolSplatFinetuneModel(SplatfactoModel):
         self.gauss_params = torch.nn.ParameterDict({k_: torch.nn.Parameter(v.float()) for k_, v in params.items()})
         self.info = None
 
+    def follow_budget(self, fraction: float, step: int) -> None:
+        """Where a wall-clock budget stands (:func:`evolsplat_ns.finetune.run.follow_budget`): from
+        ``budget_refine_stop`` of it on, densification is over (gsplat's strategy refines only before
+        ``refine_stop_iter``)."""
+        if fraction >= self.config.budget_refine_stop:
+            self.strategy.refine_stop_iter = min(self.strategy.refine_stop_iter, step)
+
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
+        """splatfacto's metrics; in training, ``psnr`` is computed directly (the same value as torchmetrics' PSNR
+        with data range 1) instead of through a torchmetrics object, whose state bookkeeping costs about a
+        millisecond of host time on every step of a short fine-tuning run."""
+        if not self.training or self.config.color_corrected_metrics:
+            return super().get_metrics_dict(outputs, batch)
+        gt = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+        metrics = {"psnr": -10.0 * torch.log10(torch.mean((outputs["rgb"] - gt) ** 2)),
+                   "gaussian_count": self.num_points}
+        self.camera_optimizer.get_metrics_dict(metrics)
+        return metrics
+
     def step_post_backward(self, step: int) -> None:
         if self.info is None:  # the CPU rasterizer keeps no screen-space record: no densification
             return
@@ -121,16 +144,14 @@ class EvolSplatFinetuneModel(SplatfactoModel):
 
         if not isinstance(camera, Cameras):
             raise TypeError("evolsplat-ft renders cameras, not ray bundles")
-        camera = camera.to(self.device)
-        if self.training:
-            camera = Cameras(camera_to_worlds=self.camera_optimizer.apply_to_camera(camera), fx=camera.fx,
-                             fy=camera.fy, cx=camera.cx, cy=camera.cy, width=camera.width, height=camera.height,
-                             camera_type=camera.camera_type, metadata=camera.metadata)
+        if camera.device != self.device:  # the datamanager's cameras are already there; a copy costs ~0.4 ms
+            camera = camera.to(self.device)
         keep = None
         if self.crop_box is not None and not self.training:
             keep = self.crop_box.within(self.means).squeeze(-1)
         p = {k: (v[keep] if keep is not None else v) for k, v in self.gauss_params.items()}
-        c2w, K = from_nerfstudio_cameras(camera)
+        pose = self.camera_optimizer.apply_to_camera(camera) if self.training else None
+        c2w, K = from_nerfstudio_cameras(camera, pose)
         scale = self._get_downscale_factor()
         H, W = int(camera.height.reshape(-1)[0]) // scale, int(camera.width.reshape(-1)[0]) // scale
         K = K[0].clone()

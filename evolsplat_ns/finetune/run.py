@@ -23,27 +23,71 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def follow_budget(trainer, fraction: float, step: int) -> None:
+    """Stretch the run's schedules over a wall-clock budget: at ``fraction`` (0..1) of the budget, every parameter
+    group with a learning-rate schedule gets the rate its schedule gives at ``fraction`` of the schedule's own
+    ``max_steps`` (splatfacto's means decay, 1.6e-4 to 1.6e-6 over 30,000 steps, then reaches 1.6e-6 when the budget
+    ends, however many steps fit in it), and the model is told where it stands (``evolsplat-ft`` stops densifying
+    after ``budget_refine_stop`` of the budget). Called after each step, so it sets the rates of the next one."""
+    fraction = min(max(float(fraction), 0.0), 1.0)
+    specs = trainer.config.optimizers
+    for name, scheduler in trainer.optimizers.schedulers.items():
+        spec = specs.get(name, {}).get("scheduler")
+        if spec is None or getattr(spec, "max_steps", None) is None:
+            continue
+        virtual = fraction * spec.max_steps
+        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(virtual)
+    model = trainer.pipeline.model
+    if hasattr(model, "follow_budget"):
+        model.follow_budget(fraction, step)
+
+
 def train_on_the_clock(trainer, budgets: Iterable[float], on_budget: Optional[Callable[[float, int, float], None]] = None,
-                       max_steps: Optional[int] = None) -> int:
+                       max_steps: Optional[int] = None, schedule: str = "steps") -> int:
     """Run ``trainer`` (a set-up nerfstudio Trainer) step by step, with its training callbacks, until each of
     ``budgets`` (seconds of training, sorted; evaluation and ``on_budget`` are not counted) is spent; after each
-    budget ``on_budget(budget, steps, seconds)`` is called. ``max_steps`` caps the steps. Returns the steps run."""
+    budget ``on_budget(budget, steps, seconds)`` is called. ``max_steps`` caps the steps. Returns the steps run.
+
+    ``schedule``: "steps" follows the config's schedules step by step (as ``ns-train`` does); "budget" stretches them
+    over the last budget (:func:`follow_budget`; progress is the larger of the time spent and, with ``max_steps``,
+    the steps run), so a short run ends with its learning rates decayed, as a full-length run does."""
     from nerfstudio.engine.callbacks import TrainingCallbackLocation
 
+    from evolsplat_ns.errors import ConfigError
+
+    if schedule not in ("steps", "budget"):
+        raise ConfigError(f"fine-tuning schedule must be 'steps' or 'budget', got {schedule!r}")
+    budgets = sorted(float(b) for b in budgets)
+    horizon = budgets[-1] if budgets else 0.0
     step, elapsed = 0, 0.0
-    for budget in sorted(budgets):
-        while elapsed < budget and (max_steps is None or step < max_steps):
-            _sync()
-            t0 = time.perf_counter()
-            trainer.pipeline.train()
+    for budget in budgets:
+        trainer.pipeline.train()  # after an evaluation (on_budget) the model is back in training mode
+        _sync()
+        t0, spent = time.perf_counter(), elapsed
+        # No device sync per step: it would stall the host until the device is idle, so that the next step could
+        # not be queued while this one runs. The host clock may run ahead of the device by the steps in flight;
+        # the sync when the budget looks spent makes the recorded time exact.
+        while max_steps is None or step < max_steps:
+            elapsed = spent + time.perf_counter() - t0
+            if elapsed >= budget:
+                _sync()
+                elapsed = spent + time.perf_counter() - t0
+                if elapsed >= budget:
+                    break
             for cb in trainer.callbacks:
                 cb.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
             trainer.train_iteration(step)
             for cb in trainer.callbacks:
                 cb.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
-            _sync()
-            elapsed += time.perf_counter() - t0
             step += 1
+            if schedule == "budget":
+                progress = (spent + time.perf_counter() - t0) / horizon if horizon > 0 else 1.0
+                if max_steps:
+                    progress = max(progress, step / max_steps)
+                follow_budget(trainer, progress, step)
+        _sync()
+        elapsed = spent + time.perf_counter() - t0
         if on_budget is not None:
             on_budget(budget, step, elapsed)
     return step
@@ -102,13 +146,16 @@ def apply_overrides(cfg, overrides: Optional[Dict[str, object]]) -> None:
 
 def finetune_scene(pipeline, scene_id: int, out: Path, seconds, feed_forward: Dict[str, float],
                    max_steps: Optional[int] = None, keep_renders: bool = False,
-                   overrides: Optional[Dict[str, object]] = None, bake: str = "middle") -> Dict[str, object]:
+                   overrides: Optional[Dict[str, object]] = None, bake: str = "middle",
+                   schedule: str = "budget") -> Dict[str, object]:
     """Fine-tune evaluation scene ``scene_id`` for ``seconds`` (a number, or a list of budgets: scored after each,
     ``curve``) in ``out`` (see the module docstring). Returns its ``feed_forward`` (given: the zero-shot means of
     its held-out views) and ``finetuned`` metrics (``psnr``, ``ssim``, ``seconds``; the last budget), the
     ``curve``, the steps, the Gaussian counts and the written paths; with ``keep_renders`` also ``renders``: the
     test views after the last budget (CPU tensors, not JSON). ``overrides``: ``evolsplat-ft`` config fields to set
-    (:func:`apply_overrides`); ``bake``: the viewpoints of the static start (:func:`~.merge.scene_gaussians`)."""
+    (:func:`apply_overrides`); ``bake``: the viewpoints of the static start (:func:`~.merge.scene_gaussians`);
+    ``schedule``: :func:`train_on_the_clock`'s. With the schedule "budget" each budget of a list is its own run
+    from the same start (a run's schedule depends on its budget); the last one's run is kept as the result."""
     from evolsplat_ns.export.ply import write_gaussian_ply
     from evolsplat_ns.export.world_frame import to_data_world
     from evolsplat_ns.finetune.merge import scene_gaussians
@@ -122,27 +169,34 @@ def finetune_scene(pipeline, scene_id: int, out: Path, seconds, feed_forward: Di
     g = exported.frame.gaussians(merged)
     init_ply = write_gaussian_ply(out / "data" / "init_gaussians.ply", g["means"], g["sh"], g["opacity_logit"],
                                   g["log_scales"], g["quats"])
-    cfg = finetune_config(out / "data", init_ply, out / "runs", scene.name, ff.device.type)
-    apply_overrides(cfg, overrides)
-    cfg.save_config()
-    trainer = cfg.setup(local_rank=0, world_size=1)
-    trainer.setup()
-    model = trainer.pipeline.model
-    test_set = trainer.pipeline.datamanager.eval_dataset
-    start = mean_metrics(ff.image_metrics, render_test_views(model, test_set), exported.targets)
-    curve = [{"seconds": 0.0, "steps": 0, "psnr": start["psnr"], "ssim": start["ssim"]}]
+    budgets = sorted(float(s) for s in (seconds if isinstance(seconds, (list, tuple)) else [seconds]))
+    budgets = [b for b in budgets if b > 0]
+    runs = [budgets] if schedule == "steps" or len(budgets) <= 1 else [[b] for b in budgets]
+    curve: List[Dict[str, float]] = []
     result: Dict[str, object] = {"curve": curve}
+    for i, run_budgets in enumerate(runs):
+        cfg = finetune_config(out / "data", init_ply, out / "runs", scene.name, ff.device.type)
+        if i < len(runs) - 1:
+            cfg.timestamp = f"run_{run_budgets[-1]:g}s"
+        apply_overrides(cfg, overrides)
+        cfg.save_config()
+        trainer = cfg.setup(local_rank=0, world_size=1)
+        trainer.setup()
+        model = trainer.pipeline.model
+        test_set = trainer.pipeline.datamanager.eval_dataset
+        if i == 0:
+            start = mean_metrics(ff.image_metrics, render_test_views(model, test_set), exported.targets)
+            curve.append({"seconds": 0.0, "steps": 0, "psnr": start["psnr"], "ssim": start["ssim"]})
 
-    def scored(budget: float, steps: int, elapsed: float) -> None:
-        preds = render_test_views(model, test_set)
-        if keep_renders:
-            result["renders"] = preds
-        m = mean_metrics(ff.image_metrics, preds, exported.targets)
-        curve.append({"seconds": elapsed, "steps": steps, "psnr": m["psnr"], "ssim": m["ssim"]})
-        result.update(steps=steps, finetuned={"psnr": m["psnr"], "ssim": m["ssim"], "seconds": elapsed})
+        def scored(budget: float, steps: int, elapsed: float) -> None:
+            preds = render_test_views(model, test_set)
+            if keep_renders:
+                result["renders"] = preds
+            m = mean_metrics(ff.image_metrics, preds, exported.targets)
+            curve.append({"seconds": elapsed, "steps": steps, "psnr": m["psnr"], "ssim": m["ssim"]})
+            result.update(steps=steps, finetuned={"psnr": m["psnr"], "ssim": m["ssim"], "seconds": elapsed})
 
-    budgets = [float(s) for s in seconds] if isinstance(seconds, (list, tuple)) else [float(seconds)]
-    steps = train_on_the_clock(trainer, [b for b in budgets if b > 0], scored, max_steps=max_steps)
+        steps = train_on_the_clock(trainer, run_budgets, scored, max_steps=max_steps, schedule=schedule)
     result.setdefault("steps", 0)
     result.setdefault("finetuned", {"psnr": start["psnr"], "ssim": start["ssim"], "seconds": 0.0})
     trainer.save_checkpoint(max(steps - 1, 0))

@@ -4,7 +4,8 @@
 #   bash scripts/gpu/finetune_b7.sh bench [BUDGETS...]   # default 10 30 60 300, on the last (held-out) scene
 #   (FT_OPTS="pipeline.model.reset_alpha_every=1000 ...": evolsplat-ft options of the fine-tuning run)
 #   bash scripts/gpu/finetune_b7.sh variants [BUDGETS...]   # default 10 30 60: fine-tuning variants side by side
-#   (VARIANTS: ";"-separated, each "NAME:bench_splatfacto options", e.g. the default below; all share the GPU alike)
+#   (VARIANTS: ";"-separated, each "NAME:bench_splatfacto options", e.g. the default below; all share the GPU alike,
+#    or with SOLO=1 run one after the other, each alone on the GPU; SAVE_FF=1 also copies the evolsplat-ff run to $OUT)
 # "bench" runs splatfacto (from the scene's seed cloud) and fine-tuning (from the merged feed-forward Gaussians) side
 # by side, one process each, on the same training images and held-out views, each on its own clock (evaluation
 # excluded), then merges both into bench_splatfacto.json + psnr_vs_seconds.png. Each process reports its steps per
@@ -25,7 +26,8 @@ train)
         --viewer.quit-on-train-completion True --pipeline.datamanager.num-target-keyframes 2 --steps-per-save 1000 \
         --pipeline.model.pointcloud.outlier-removal False --pipeline.model.pointcloud.max-points 300000 \
         > "$RES/train.log" 2>&1
-    echo "train exit $? after $(( $(date +%s) - start )) s"; grep -v -i warn "$RES/train.log" | tail -3 ;;
+    echo "train exit $? after $(( $(date +%s) - start )) s"; grep -v -i warn "$RES/train.log" | tail -3
+    if [ -n "$SAVE_FF" ]; then mkdir -p "$RES/ff_run"; cp $CFG $RUN/ft/evolsplat-ff/run/nerfstudio_models/*.ckpt "$RES/ff_run/"; fi ;;
 bench)
     shift; BUDGETS=("$@"); [ ${#BUDGETS[@]} -eq 0 ] && BUDGETS=(10 30 60 300)
     for m in splatfacto finetune; do
@@ -49,7 +51,7 @@ variants)  # the A/B of docs/BENCHMARKS.md (issue 17): what the fine-tuning star
         name=${v%%:*}; opts=${v#*:}; names+=("$name")
         python3 benchmarks/bench_splatfacto.py --load-config $CFG --methods finetune --budgets "${BUDGETS[@]}" \
             --scenes 1 --images 1 --out /tmp/ftv_$name $opts > "$RES/variant_$name.log" 2>&1 &
-        sleep 2
+        if [ -n "$SOLO" ]; then wait; echo "$name done after $(( $(date +%s) - start )) s"; else sleep 2; fi
     done
     wait
     echo "variants done after $(( $(date +%s) - start )) s"

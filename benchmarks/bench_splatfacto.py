@@ -149,7 +149,8 @@ def compare_scene(pipe, scene_id: int, scene_dir: Path, runs_dir: Path, name: st
 
 def plot_curves(report: dict, path: Path) -> None:
     """PSNR of the held-out views against seconds of per-scene optimisation: fine-tuned from the feed-forward
-    Gaussians, and splatfacto from its usual start (the seed cloud), one pair of curves per scene."""
+    Gaussians (``finetune_curve``, and any ``finetune_curve_<variant>`` beside it), and splatfacto from its usual
+    start (the seed cloud), per scene."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,9 +158,10 @@ def plot_curves(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for sid, row in report["scenes"].items():
-        if "finetune_curve" in row:
-            c = row["finetune_curve"]
-            ax.plot([p["seconds"] for p in c], [p["psnr"] for p in c], "o-", label=f"ours + fine-tuning ({sid})")
+        for key in sorted(k for k in row if k.startswith("finetune_curve")):  # "finetune_curve[_<variant>]"
+            c, variant = row[key], key[len("finetune_curve"):].lstrip("_").replace("_", " ")
+            ax.plot([p["seconds"] for p in c], [p["psnr"] for p in c], "o-",
+                    label=f"ours + fine-tuning{', ' + variant if variant else ''} ({sid})")
         sf = sorted((v["seconds"], v["psnr"]) for k, v in row.items() if k.startswith("splatfacto_"))
         if sf:
             ax.plot([s for s, _ in sf], [p for _, p in sf], "s--", label=f"splatfacto from its seed cloud ({sid})")

@@ -168,3 +168,14 @@ def test_training_psnr_is_torchmetrics_psnr():
     m = EvolSplatFinetuneModel.get_metrics_dict(model, {"rgb": pred, "background": torch.zeros(3)}, {"image": gt})
     want = PeakSignalNoiseRatio(data_range=1.0)(pred, gt.float() / 255.0)
     assert float(m["psnr"]) == pytest.approx(float(want), rel=1e-5) and m["gaussian_count"] == 17
+
+
+def test_a_refine_stop_outside_the_budget_is_refused_before_reading_anything(tmp_path):
+    from nerfstudio.data.scene_box import SceneBox
+
+    from evolsplat_ns.errors import ConfigError
+    from evolsplat_ns.finetune.model import EvolSplatFinetuneModelConfig
+
+    cfg = EvolSplatFinetuneModelConfig(init_ply=tmp_path / "missing.ply", budget_refine_stop=1.5)
+    with pytest.raises(ConfigError, match="budget-refine-stop"):
+        cfg.setup(scene_box=SceneBox(torch.tensor([[-1.0, -1, -1], [1, 1, 1]])), num_train_data=1, metadata={})

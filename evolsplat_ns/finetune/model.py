@@ -94,6 +94,9 @@ class EvolSplatFinetuneModel(SplatfactoModel):
 
         if self.config.init_ply is None:
             raise ConfigError("evolsplat-ft needs --pipeline.model.init-ply (a 3DGS PLY of the starting Gaussians)")
+        if not 0.0 <= self.config.budget_refine_stop <= 1.0:
+            raise ConfigError(f"--pipeline.model.budget-refine-stop is a fraction of the budget in [0, 1], got "
+                              f"{self.config.budget_refine_stop}")
         g = read_gaussian_ply(self.config.init_ply)  # before splatfacto's set-up: a bad file costs nothing
         num_random = self.config.num_random
         self.config.num_random = 8  # splatfacto's random start is built, then replaced: keep it tiny

@@ -182,7 +182,7 @@ def main() -> None:
     f.add_argument("--methods", nargs="+", choices=["splatfacto", "finetune"], default=["splatfacto"])
     f.add_argument("--ft-option", nargs="+", default=[], type=parse_option, metavar="FIELD=VALUE",
                    help="evolsplat-ft config fields for the fine-tuning run")
-    f.add_argument("--bake", choices=["middle", "sources"], default="middle")
+    f.add_argument("--bake", choices=["middle", "sources", "windows"], default="middle")
     f.add_argument("--schedule", choices=["budget", "steps"], default="budget",
                    help="fine-tuning schedule: stretched over each budget (one run each) or splatfacto's by steps")
     f.add_argument("--load-config", type=Path, required=True)

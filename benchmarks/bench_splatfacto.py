@@ -215,7 +215,7 @@ def main():
     ap.add_argument("--merge", type=Path, nargs="+", help="only merge these reports (and plot them) into --out")
     ap.add_argument("--ft-option", nargs="+", default=[], metavar="FIELD=VALUE", type=parse_option,
                     help="evolsplat-ft config fields, e.g. pipeline.model.reset_alpha_every=1000")
-    ap.add_argument("--bake", choices=["middle", "sources"], default="middle",
+    ap.add_argument("--bake", choices=["middle", "sources", "windows"], default="middle",
                     help="viewpoints the fine-tuning start is decoded for (evolsplat_ns.finetune.merge)")
     ap.add_argument("--schedule", choices=["budget", "steps"], default="budget",
                     help="fine-tuning schedule (evolsplat_ns.finetune.run.train_on_the_clock): 'budget' stretches "

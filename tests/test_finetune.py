@@ -179,3 +179,31 @@ def test_a_refine_stop_outside_the_budget_is_refused_before_reading_anything(tmp
     cfg = EvolSplatFinetuneModelConfig(init_ply=tmp_path / "missing.ply", budget_refine_stop=1.5)
     with pytest.raises(ConfigError, match="budget-refine-stop"):
         cfg.setup(scene_box=SceneBox(torch.tensor([[-1.0, -1, -1], [1, 1, 1]])), num_train_data=1, metadata={})
+
+
+def test_window_consensus_drops_what_only_one_time_saw():
+    """bake="windows": a point opaque in one window out of three (a passing car's LiDAR trail) gets the median, a low
+    opacity; a point every window sees keeps its value; a point no window kept is dropped; the rest is averaged,
+    quaternions sign-aligned."""
+    from evolsplat_ns.finetune.merge import consensus
+
+    n = 5
+    base = _gaussians(torch.randn(n, 3), k=4, seed=3)
+    base["quats"] = base["quats"] / base["quats"].norm(dim=-1, keepdim=True)
+
+    def window(rows, opacity, flip=False):
+        g = {k: v[rows].clone() for k, v in base.items()}
+        g["opacity_logit"] = torch.logit(torch.tensor(opacity))
+        if flip:
+            g["quats"] = -g["quats"]
+        return torch.tensor(rows), g
+
+    parts = [window([0, 1, 3], [0.9, 0.95, 0.6]), window([0, 1, 3], [0.05, 0.95, 0.6], flip=True),
+             window([0, 1], [0.1, 0.95])]  # point 2 never kept, 4 never either; 3 seen by two windows
+    keep, g = consensus(parts, n)
+    assert keep.tolist() == [0, 1, 3]
+    torch.testing.assert_close(torch.sigmoid(g["opacity_logit"]), torch.tensor([0.1, 0.95, 0.6]), atol=1e-5,
+                               rtol=1e-5)
+    for k in ("means", "sh", "log_scales"):
+        torch.testing.assert_close(g[k], base[k][[0, 1, 3]])
+    torch.testing.assert_close(g["quats"], base["quats"][[0, 1, 3]])  # q and -q average to q, not to zero

@@ -392,6 +392,10 @@ def test_a_budget_curve_is_one_fine_tuning_run_per_budget(trained, tmp_path):
                          schedule="steps")  # splatfacto's schedule: one run, scored after each budget
     assert [p["steps"] for p in one["curve"]] == [0, 2, 2]
     assert [p.name for p in (tmp_path / "steps" / "runs").glob("*/evolsplat-ft/*")] == ["run"]
+    # the start from every near-source window of each segment (median opacity): a whole scene, close to the default
+    w = finetune_scene(pipe, sid, tmp_path / "windows", [600], {"psnr": 0.0, "ssim": 0.0}, max_steps=1,
+                       bake="windows")
+    assert w["gaussians"]["start"] > 0 and abs(w["merged_start"]["psnr"] - r["merged_start"]["psnr"]) < 3.0
 
 
 def test_infer_output_is_never_a_mix_and_errors_name_their_cause(trained, data_root, tmp_path, capsys):

@@ -119,3 +119,24 @@ def test_near_selection_on_a_standing_car_stays_local():
         assert max(frames) - min(frames) <= 14
     mid = select_near(kfs, seg, 3, 6, rng=None, input_frames=even, target_frames=odd)
     assert min(mid.target_frames) <= 19 <= max(mid.target_frames)
+
+
+def test_source_windows_slide_over_the_segment_once_each():
+    """The windows of the "windows" start (evolsplat_ns.finetune.merge): every distinct set of n nearest input
+    frames around an input frame, in time order, none twice, only input frames, covering every input frame."""
+    from evolsplat_ns.data.sampling import source_windows
+
+    kfs = _kfs([2] * 10)  # frames 0..19
+    seg = _seg(kfs)
+    even = {t for t in range(20) if t % 2 == 0}
+    ws = source_windows(kfs, seg, 3, input_frames=even)
+    srcs = [w.source_frames for w in ws]
+    assert srcs[0] == (0, 2, 4) and srcs[-1] == (14, 16, 18) and len(set(srcs)) == len(srcs) == 8
+    assert srcs == sorted(srcs) and set().union(*srcs) == even
+    for w in ws:
+        assert w.target_frames[0] in w.source_frames and len(w.source_frames) == 3
+        for kf, fr in zip(w.source_keyframes, w.source_frames):
+            assert kfs[kf].start <= fr < kfs[kf].stop
+    assert [w.source_frames for w in source_windows(kfs, seg, 10, even)] == [tuple(sorted(even))]
+    with pytest.raises(ConfigError, match="window of 11 source frames.*has 10"):
+        source_windows(kfs, seg, 11, even)

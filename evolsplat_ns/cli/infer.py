@@ -57,6 +57,11 @@ class InferArgs:
     """'budget': the learning-rate decay and the end of densification are stretched over ``--finetune-seconds``
     (and ``--finetune-max-steps``), so the run ends refined, as a full-length splatfacto run does; 'steps':
     splatfacto's schedule step by step, as ``ns-train evolsplat-ft`` runs it (a short run then ends mid-schedule)."""
+    finetune_start: Literal["middle", "sources", "windows"] = "middle"
+    """How each segment's Gaussians become the static start (:mod:`evolsplat_ns.finetune.merge`): decoded for its
+    middle source camera; averaged over its source cameras; or reconstructed once per near-source window over its
+    time span, with each point's median opacity over the windows (drops what only some times saw, e.g. the LiDAR
+    trail of a passing car; one reconstruction per window, so slower)."""
     verbose: bool = False
 
 
@@ -223,7 +228,8 @@ def _finetune(pipeline, result, out: Path, args: InferArgs) -> Dict[str, object]
         ff = {k: sum(float(r[k]) for r in views) / len(views) for k in ("psnr", "ssim")}
         name = pipeline.datamanager.scenes[sid].name
         rows.append(finetune_scene(pipeline, sid, out / "finetune" / name, args.finetune_seconds, ff,
-                                   max_steps=args.finetune_max_steps, schedule=args.finetune_schedule))
+                                   max_steps=args.finetune_max_steps, schedule=args.finetune_schedule,
+                                   bake=args.finetune_start))
     total = sum(r["num_views"] for r in rows)
 
     def mean(key):

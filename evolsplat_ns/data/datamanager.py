@@ -29,7 +29,8 @@ from evolsplat_ns.errors import ConfigError, DataValidationError
 from evolsplat_ns.data.eval_plan import PlannedBatch, plan_scene
 from evolsplat_ns.data.ns_dataparser import EvolSplatDataParser, EvolSplatDataParserConfig
 from evolsplat_ns.data.records import SceneRecord
-from evolsplat_ns.data.sampling import ViewSelection, min_target_candidates, select_near, select_views
+from evolsplat_ns.data.sampling import (ViewSelection, min_target_candidates, select_near, select_views,
+                                       source_windows)
 from evolsplat_ns.data.scene_index import (
     IndexOptions,
     SceneIndex,
@@ -314,6 +315,14 @@ class EvolSplatDataManager(DataManager):
         """The fixed (deterministic) display batch of one segment: sources spread over the segment (the viewer's
         reconstruction; evaluation scores through :meth:`eval_plan` instead)."""
         return self.make_batch(scene_id, segment_id, self.select(scene_id, segment_id, None, rule="spread"), True)
+
+    def window_batches(self, scene_id: int, segment_id: int) -> List[SegmentBatch]:
+        """One batch per distinct near-source window of the segment (:func:`~.sampling.source_windows`), in time
+        order: the segment reconstructed at each time of its span."""
+        idx = self.index[scene_id]
+        windows = source_windows(idx.keyframes, idx.segments[segment_id], self.config.num_source_keyframes,
+                                 self._input_frames[scene_id])
+        return [self.make_batch(scene_id, segment_id, w, i == 0) for i, w in enumerate(windows)]
 
     def _make_eval_plan(self) -> List[PlannedBatch]:
         c = self.config

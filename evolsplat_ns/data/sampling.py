@@ -186,3 +186,33 @@ def min_target_candidates(keyframes: Sequence[Keyframe], segment: Segment, num_s
         if not targets_include_sources and len(tg) == 1 and tg[0] in ins:
             worst_loss += 1
     return n - min(worst_loss, num_source_keyframes)
+
+
+def source_windows(
+    keyframes: Sequence[Keyframe],
+    segment: Segment,
+    num_source_frames: int,
+    input_frames: Optional[AbstractSet[int]] = None,
+) -> List[ViewSelection]:
+    """Every distinct window of ``num_source_frames`` input frames that the ``"near"`` rule can give in ``segment``:
+    the input frames nearest to each of its input frames in turn (that frame included), in time order, without
+    repeats. Each window is a selection whose target is the frame it was centred on (a reconstruction reads only
+    the sources). They cover the segment's time span window by window: what one reconstruction sees at one time
+    (a car that drove on) and what all of them see (the street) can then be told apart
+    (:mod:`evolsplat_ns.finetune.merge`)."""
+    where = f"scene {segment.scene_id} segment {segment.segment_id}"
+    keyframe_of = {t: i for i in segment.keyframe_indices for t in keyframes[i].frame_indices}
+    inputs = [t for t in segment.frame_indices if t in keyframe_of and (input_frames is None or t in input_frames)]
+    if num_source_frames < 1 or len(inputs) < num_source_frames:
+        raise ConfigError(f"{where}: a window of {num_source_frames} source frames needs that many input frames; the "
+                          f"segment has {len(inputs)}")
+    out: List[ViewSelection] = []
+    seen = set()
+    for anchor in sorted(inputs):
+        src = tuple(sorted(nearest_frames(anchor, inputs, num_source_frames)))
+        if src in seen:
+            continue
+        seen.add(src)
+        out.append(ViewSelection(tuple(keyframe_of[t] for t in src), src, (keyframe_of[anchor],), (anchor,)))
+    return out
+

@@ -1,10 +1,17 @@
 """One set of 3D Gaussians for a whole scene out of its segments' feed-forward reconstructions.
 
-Each segment is reconstructed once from its default sources (spread over the segment, as the viewer shows it) and
+Each segment is reconstructed from its default sources (spread over the segment, as the viewer shows it) and
 exported as static 3DGS parameters (:meth:`EvolSplatModel.export_gaussians`). The heads decode colour, opacity, scale
 and rotation for a viewpoint; a static set needs one: ``bake="middle"`` takes the segment's middle source camera (as
 the PLY export does), ``bake="sources"`` the mean over every source camera (SH coefficients, log-scales and
 sign-aligned quaternions averaged, opacity averaged after the sigmoid) — :func:`bake_views`.
+
+``bake="windows"`` reconstructs each segment once per near-source window over its time span
+(:func:`~evolsplat_ns.data.sampling.source_windows`, each exported for its own middle source camera), as the
+per-view renders do for the frames near each window, and keeps for each point the **median** of its opacity over the
+windows that kept it, the mean of the rest (:func:`consensus`). Points of a moving car are opaque only in the
+windows of the time the car was there (real LiDAR seeds hold the whole trail of a passing car): the median drops
+them, where one window's decoding would freeze the car at one time and show it to every view.
 
 Segments overlap (neighbouring windows share keyframes), so the same surface comes out of two or three segments.
 **Overlaps:** every Gaussian is kept only from the segment whose centre (the mean of its source camera positions) is
@@ -68,7 +75,42 @@ def dome_gaussians(means: Tensor, rgb: Tensor, scales: Tensor, sh_coeffs: int) -
             "log_scales": torch.log(scales), "quats": quats}
 
 
-BAKES = ("middle", "sources")
+BAKES = ("middle", "sources", "windows")
+
+
+def consensus(parts: List[Tuple[Tensor, Dict[str, Tensor]]], num_points: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """One static set from several reconstructions of the same segment: ``parts`` are ``(index [M_w], gaussians)``
+    with the segment's point index of each exported row (a window keeps the points its sources see). For each point
+    kept by at least one window: opacity, the median over those windows (as a probability; of an even count the
+    lower middle value, so what half of the times saw is not kept opaque); means, SH, log-scales
+    the mean; quaternions the sign-aligned mean (as :func:`bake_views`). Returns (the kept points' indices, sorted;
+    their parameters)."""
+    W = len(parts)
+    ref = parts[0][1]
+    dt = ref["means"].dtype
+    count = torch.zeros(num_points, dtype=dt)
+    opa = torch.full((W, num_points), float("nan"), dtype=dt)
+    sums = {k: torch.zeros((num_points,) + tuple(ref[k].shape[1:]), dtype=dt) for k in ("means", "sh", "log_scales")}
+    q_sum = torch.zeros(num_points, 4, dtype=dt)
+    q_first = torch.zeros(num_points, 4, dtype=dt)
+    for w, (idx, g) in enumerate(parts):
+        idx = idx.long().cpu()
+        new = count[idx] == 0
+        count[idx] += 1
+        opa[w, idx] = torch.sigmoid(g["opacity_logit"].detach().cpu().to(dt))
+        for k in sums:
+            sums[k][idx] += g[k].detach().cpu().to(dt)
+        q = g["quats"].detach().cpu().to(dt)
+        q_first[idx[new]] = q[new]
+        sign = torch.where((q * q_first[idx]).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(dt)
+        q_sum[idx] += q * sign
+    keep = torch.nonzero(count > 0)[:, 0]
+    n = count[keep]
+    out = {k: v[keep] / n.reshape((-1,) + (1,) * (v.dim() - 1)) for k, v in sums.items()}
+    quats = q_sum[keep]
+    out["quats"] = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    out["opacity_logit"] = torch.logit(torch.nanmedian(opa[:, keep], dim=0).values.clamp(1e-6, 1 - 1e-6))
+    return keep, out
 
 
 def bake_views(parts: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
@@ -105,8 +147,15 @@ def scene_gaussians(pipeline, scene_id: int, bake: str = "middle") -> Tuple[Dict
         shared = pipeline.reconstruct(batch)
         if bake == "middle":
             g = model.export_gaussians(shared)
-        else:
+        elif bake == "sources":
             g = bake_views([model.export_gaussians(shared, c2w) for c2w in batch.source.extrinsics])
+        else:
+            windows = []
+            for wb in dm.window_batches(scene_id, seg):
+                ws = pipeline.reconstruct(wb)
+                windows.append((torch.nonzero(ws.mask)[:, 0].cpu(), model.export_gaussians(ws)))
+            _, g = consensus(windows, int(shared.mask.numel()))
+            shared = pipeline.reconstruct(batch)  # the display (and the dome below) stay the default reconstruction
         parts.append(({k: v.detach().cpu() for k, v in g.items()}, batch.source.extrinsics[:, :3, 3].mean(0).cpu()))
         if i == len(segments) // 2:
             src = batch.source

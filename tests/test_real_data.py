@@ -153,3 +153,9 @@ def test_both_bakes_of_the_fine_tuning_start_hold_the_same_gaussians(pipeline):
     assert (torch.sigmoid(sources["opacity_logit"]) - torch.sigmoid(middle["opacity_logit"])).abs().mean() < 0.2
     with pytest.raises(ValueError, match="bake"):
         scene_gaussians(pipeline, 0, bake="nearest")
+    # one reconstruction per near-source window (real LiDAR; the crop has passing cars): a whole, finite start with
+    # the same dome
+    windows, winfo = scene_gaussians(pipeline, 0, bake="windows")
+    assert winfo["gaussians"] == windows["means"].shape[0] and winfo["foreground_gaussians"] > 1000
+    assert winfo["gaussians"] - winfo["foreground_gaussians"] == info["gaussians"] - info["foreground_gaussians"]
+    assert all(torch.isfinite(v).all() for v in windows.values())

@@ -107,7 +107,7 @@ def run_splatfacto(scene_dir: Path, runs_dir: Path, name: str, budgets, metric, 
         renders[key] = preds
         print(name, key, results[key], flush=True)
 
-    train_on_the_clock(trainer, budgets, scored)
+    train_on_the_clock(trainer, budgets, scored, description=f"splatfacto {name}")
     return results, renders
 
 

@@ -207,3 +207,23 @@ def test_window_consensus_drops_what_only_one_time_saw():
     for k in ("means", "sh", "log_scales"):
         torch.testing.assert_close(g[k], base[k][[0, 1, 3]])
     torch.testing.assert_close(g["quats"], base["quats"][[0, 1, 3]])  # q and -q average to q, not to zero
+
+
+def test_the_clock_loop_spends_each_budget_and_shows_progress(capsys):
+    """train_on_the_clock: steps until each budget is spent (the recorded seconds at least the budget), scores after
+    each, stops at max_steps, returns the model to training mode before each budget, and shows a progress line."""
+    import time
+    from types import SimpleNamespace
+
+    from evolsplat_ns.finetune.run import train_on_the_clock
+
+    modes, calls = [], []
+    pipeline = SimpleNamespace(model=SimpleNamespace(num_points=1234), train=lambda: modes.append("train"))
+    trainer = SimpleNamespace(pipeline=pipeline, callbacks=[], train_iteration=lambda step: time.sleep(0.005))
+    steps = train_on_the_clock(trainer, [0.1, 0.05], lambda b, n, s: calls.append((b, n, s)), description="clock")
+    assert [b for b, _, _ in calls] == [0.05, 0.1] and modes == ["train", "train"]
+    assert all(s >= b for b, _, s in calls) and calls[-1][1] == steps and 0 < calls[0][1] < steps
+    assert steps <= 0.1 / 0.005 + 1  # no step counted that did not run
+    out = capsys.readouterr().out
+    assert "clock" in out and f"{steps} steps" in out and "1,234 Gaussians" in out
+    assert train_on_the_clock(trainer, [60.0], max_steps=3, show_progress=False) == 3

@@ -44,15 +44,21 @@ def follow_budget(trainer, fraction: float, step: int) -> None:
 
 
 def train_on_the_clock(trainer, budgets: Iterable[float], on_budget: Optional[Callable[[float, int, float], None]] = None,
-                       max_steps: Optional[int] = None, schedule: str = "steps") -> int:
+                       max_steps: Optional[int] = None, schedule: str = "steps", description: str = "Fine-tuning",
+                       show_progress: bool = True) -> int:
     """Run ``trainer`` (a set-up nerfstudio Trainer) step by step, with its training callbacks, until each of
     ``budgets`` (seconds of training, sorted; evaluation and ``on_budget`` are not counted) is spent; after each
     budget ``on_budget(budget, steps, seconds)`` is called. ``max_steps`` caps the steps. Returns the steps run.
 
     ``schedule``: "steps" follows the config's schedules step by step (as ``ns-train`` does); "budget" stretches them
     over the last budget (:func:`follow_budget`; progress is the larger of the time spent and, with ``max_steps``,
-    the steps run), so a short run ends with its learning rates decayed, as a full-length run does."""
+    the steps run), so a short run ends with its learning rates decayed, as a full-length run does.
+
+    A progress bar (nerfstudio's console) shows the seconds spent of the last budget, the steps and the Gaussians;
+    it is redrawn at most four times a second, so it costs the loop nothing measurable."""
     from nerfstudio.engine.callbacks import TrainingCallbackLocation
+    from nerfstudio.utils.rich_utils import CONSOLE
+    from rich.progress import BarColumn, Progress, TextColumn
 
     from evolsplat_ns.errors import ConfigError
 
@@ -60,36 +66,54 @@ def train_on_the_clock(trainer, budgets: Iterable[float], on_budget: Optional[Ca
         raise ConfigError(f"fine-tuning schedule must be 'steps' or 'budget', got {schedule!r}")
     budgets = sorted(float(b) for b in budgets)
     horizon = budgets[-1] if budgets else 0.0
-    step, elapsed = 0, 0.0
-    for budget in budgets:
-        trainer.pipeline.train()  # after an evaluation (on_budget) the model is back in training mode
-        _sync()
-        t0, spent = time.perf_counter(), elapsed
-        # No device sync per step: it would stall the host until the device is idle, so that the next step could
-        # not be queued while this one runs. The host clock may run ahead of the device by the steps in flight;
-        # the sync when the budget looks spent makes the recorded time exact.
-        while max_steps is None or step < max_steps:
-            elapsed = spent + time.perf_counter() - t0
-            if elapsed >= budget:
-                _sync()
+    model = trainer.pipeline.model
+    columns = (TextColumn("[bold blue]{task.description}"), BarColumn(),
+               TextColumn("{task.completed:,.0f} / {task.total:,.0f} s"), TextColumn("{task.fields[steps]} steps"),
+               TextColumn("{task.fields[gaussians]}"))
+    step, elapsed, shown = 0, 0.0, 0.0
+    with Progress(*columns, console=CONSOLE, disable=not show_progress) as bar:
+        task = bar.add_task(description, total=max(horizon, 1e-9), steps=0, gaussians="")
+
+        def show(force: bool = False) -> None:
+            nonlocal shown
+            now = time.perf_counter()
+            if force or now - shown >= 0.25:
+                shown = now
+                n = getattr(model, "num_points", None)
+                bar.update(task, completed=min(elapsed, horizon), steps=step,
+                           gaussians=f"{int(n):,} Gaussians" if n is not None else "")
+
+        for budget in budgets:
+            trainer.pipeline.train()  # after an evaluation (on_budget) the model is back in training mode
+            _sync()
+            t0, spent = time.perf_counter(), elapsed
+            # No device sync per step: it would stall the host until the device is idle, so that the next step
+            # could not be queued while this one runs. The host clock may run ahead of the device by the steps in
+            # flight; the sync when the budget looks spent makes the recorded time exact.
+            while max_steps is None or step < max_steps:
                 elapsed = spent + time.perf_counter() - t0
                 if elapsed >= budget:
-                    break
-            for cb in trainer.callbacks:
-                cb.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-            trainer.train_iteration(step)
-            for cb in trainer.callbacks:
-                cb.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
-            step += 1
-            if schedule == "budget":
-                progress = (spent + time.perf_counter() - t0) / horizon if horizon > 0 else 1.0
-                if max_steps:
-                    progress = max(progress, step / max_steps)
-                follow_budget(trainer, progress, step)
-        _sync()
-        elapsed = spent + time.perf_counter() - t0
-        if on_budget is not None:
-            on_budget(budget, step, elapsed)
+                    _sync()
+                    elapsed = spent + time.perf_counter() - t0
+                    if elapsed >= budget:
+                        break
+                for cb in trainer.callbacks:
+                    cb.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+                trainer.train_iteration(step)
+                for cb in trainer.callbacks:
+                    cb.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+                step += 1
+                if schedule == "budget":
+                    progress = (spent + time.perf_counter() - t0) / horizon if horizon > 0 else 1.0
+                    if max_steps:
+                        progress = max(progress, step / max_steps)
+                    follow_budget(trainer, progress, step)
+                show()
+            _sync()
+            elapsed = spent + time.perf_counter() - t0
+            show(force=True)
+            if on_budget is not None:
+                on_budget(budget, step, elapsed)
     return step
 
 
@@ -196,7 +220,9 @@ def finetune_scene(pipeline, scene_id: int, out: Path, seconds, feed_forward: Di
             curve.append({"seconds": elapsed, "steps": steps, "psnr": m["psnr"], "ssim": m["ssim"]})
             result.update(steps=steps, finetuned={"psnr": m["psnr"], "ssim": m["ssim"], "seconds": elapsed})
 
-        steps = train_on_the_clock(trainer, run_budgets, scored, max_steps=max_steps, schedule=schedule)
+        steps = train_on_the_clock(trainer, run_budgets, scored, max_steps=max_steps, schedule=schedule,
+                                   description=f"Fine-tuning {scene.name} ({run_budgets[-1]:,.0f} s)"
+                                   if run_budgets else "Fine-tuning")
     result.setdefault("steps", 0)
     result.setdefault("finetuned", {"psnr": start["psnr"], "ssim": start["ssim"], "seconds": 0.0})
     trainer.save_checkpoint(max(steps - 1, 0))

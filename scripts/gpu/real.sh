@@ -8,6 +8,8 @@
 #   bash scripts/gpu/real.sh splatfacto RUN [BUDGETS...]  # (b) splatfacto on the front camera's even frames
 #   STEPS="100 200" bash scripts/gpu/real.sh trace RUN...  # opacity / scale / colour / PSNR over the checkpoints
 #   bash scripts/gpu/real.sh curves RUN [BUDGETS...]     # issue 17: splatfacto and fine-tuning from ours side by side
+#   VARIANTS="default:;windows:--bake windows" bash scripts/gpu/real.sh variants RUN [BUDGETS...]
+#                                                         # fine-tuning variants one after the other, each alone
 # Results under $OUT (default outputs/real).
 source scripts/gpu/env.sh
 RES=${OUT:-outputs/real}
@@ -67,4 +69,17 @@ for s,row in r.items(): print(s, round(row['evolsplat_ff']['psnr'],2), {k: (roun
     [(round(p['seconds']), p['steps'], round(p['psnr'],2)) for p in row.get('finetune_curve', [])])"
     grep -v -i warn "$RES/curves_finetune.log" | tail -3
     for m in splatfacto finetune; do cp /tmp/real_$m/real_splatfacto_*_view00.png "$RES/real_${m}_view00.png" 2>/dev/null; done ;;
+variants)  # ";"-separated "NAME:bench_real.py splatfacto options"; each alone on the GPU; one line per variant
+    run=$2; shift 2
+    IFS=';' read -ra VS <<< "${VARIANTS:-default:;windows:--bake windows}"
+    for v in "${VS[@]}"; do
+        name=${v%%:*}; opts=${v#*:}
+        python3 benchmarks/bench_real.py splatfacto --load-config "$RUNS/$run/evolsplat-ff/run/config.yml" \
+            --methods finetune --budgets ${@:-30 60} --images 1 --out /tmp/realv_$name $opts \
+            > "$RES/variant_$name.log" 2>&1
+        cp /tmp/realv_$name/bench_real_splatfacto.json "$RES/variant_$name.json" 2>/dev/null
+        python3 -c "import json; r=json.load(open('/tmp/realv_$name/bench_real_splatfacto.json'))['scenes']
+for s,row in r.items(): print('$name', s, row['merged_start'], [(round(p['seconds']), p['steps'], round(p['psnr'],2), round(p['ssim'],3)) for p in row['finetune_curve']])" \
+            | tee -a "$RES/variants.txt"
+    done ;;
 esac

@@ -144,18 +144,18 @@ def scene_gaussians(pipeline, scene_id: int, bake: str = "middle") -> Tuple[Dict
     t0 = time.perf_counter()
     for i, seg in enumerate(segments):
         batch = dm.eval_batch(scene_id, seg)
+        windows = []
+        if bake == "windows":  # before the default reconstruction, which stays the display (and gives the dome)
+            for wb in dm.window_batches(scene_id, seg):
+                ws = pipeline.reconstruct(wb)
+                windows.append((torch.nonzero(ws.mask)[:, 0].cpu(), model.export_gaussians(ws)))
         shared = pipeline.reconstruct(batch)
         if bake == "middle":
             g = model.export_gaussians(shared)
         elif bake == "sources":
             g = bake_views([model.export_gaussians(shared, c2w) for c2w in batch.source.extrinsics])
         else:
-            windows = []
-            for wb in dm.window_batches(scene_id, seg):
-                ws = pipeline.reconstruct(wb)
-                windows.append((torch.nonzero(ws.mask)[:, 0].cpu(), model.export_gaussians(ws)))
             _, g = consensus(windows, int(shared.mask.numel()))
-            shared = pipeline.reconstruct(batch)  # the display (and the dome below) stay the default reconstruction
         parts.append(({k: v.detach().cpu() for k, v in g.items()}, batch.source.extrinsics[:, :3, 3].mean(0).cpu()))
         if i == len(segments) // 2:
             src = batch.source

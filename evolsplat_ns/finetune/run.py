@@ -23,6 +23,18 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+SCHEDULES = ("steps", "budget")
+"""How a run on a wall-clock budget follows its schedules (:func:`train_on_the_clock`)."""
+
+
+def check_schedule(schedule: str) -> str:
+    from evolsplat_ns.errors import ConfigError
+
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"fine-tuning schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return schedule
+
+
 def follow_budget(trainer, fraction: float, step: int) -> None:
     """Stretch the run's schedules over a wall-clock budget: at ``fraction`` (0..1) of the budget, every parameter
     group with a learning-rate schedule gets the rate its schedule gives at ``fraction`` of the schedule's own
@@ -60,10 +72,7 @@ def train_on_the_clock(trainer, budgets: Iterable[float], on_budget: Optional[Ca
     from nerfstudio.utils.rich_utils import CONSOLE
     from rich.progress import BarColumn, Progress, TextColumn
 
-    from evolsplat_ns.errors import ConfigError
-
-    if schedule not in ("steps", "budget"):
-        raise ConfigError(f"fine-tuning schedule must be 'steps' or 'budget', got {schedule!r}")
+    check_schedule(schedule)
     budgets = sorted(float(b) for b in budgets)
     horizon = budgets[-1] if budgets else 0.0
     model = trainer.pipeline.model
@@ -185,6 +194,7 @@ def finetune_scene(pipeline, scene_id: int, out: Path, seconds, feed_forward: Di
     from evolsplat_ns.finetune.merge import scene_gaussians
     from evolsplat_ns.finetune.scene import export_scene
 
+    check_schedule(schedule)  # before the long work below
     out = Path(out)
     dm, ff = pipeline.datamanager, pipeline.ff_model
     scene = dm.scenes[scene_id]

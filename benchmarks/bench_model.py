@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import platform
 import statistics
@@ -181,6 +182,8 @@ def main():
                     help="an evolsplat-ff checkpoint (3 source views) whose network weights are measured")
     ap.add_argument("--sparse-conv-impl", default="auto", choices=["auto", "gather", "igemm"],
                     help="how the U-Net's convolutions run (model option sparse_conv_impl)")
+    ap.add_argument("--parts", nargs="+", default=["b1", "b2", "b3", "b4"], choices=["b1", "b2", "b3", "b4"],
+                    help="which benchmarks to run (B1 always builds the segment the others use)")
     args = ap.parse_args()
     device = torch.device(args.device)
     iters, warm = (2, 1) if args.quick else (args.iters, 2)
@@ -217,9 +220,27 @@ def main():
                              max(iters // 2, 1), 1, device)
         kernel_map.DENSE_TABLE_CELLS = dense_cells
         model.segments.clear_caches()
+    # B1 in inference (eval mode, the model option reuse_volume): a known segment reconstructed from other source
+    # views each time (two source batches in turn), so only what depends on the sources is recomputed
+    other = SegmentBatch(0, 0, views([1.5, 3.5, 5.5], H, W, device, 3), batch.target, True)
+    model.eval()
+    with torch.no_grad():
+        model.segments.clear_caches()
+        inf_first = timed(lambda: (model.segments.clear_caches(), model.extract_shared(batch)),
+                          max(iters // 2, 1), 1, device)
+        turn = itertools.cycle([other, batch])
+        inf_known = timed(lambda: model.extract_shared(next(turn)), iters, warm, device)
+        inf_stages = [stages(model, b, device, fresh=False) for b in (other, batch) * max(iters // 2, 1)]
+        model.segments.clear_caches()
+    model.train()
     report["B1_reconstruction"] = {"stages_median_ms": b1_sum, "extract_shared_first_time": first,
                                    "extract_shared_cached": cached,
-                                   "extract_shared_first_time_sorted_key_hash": first_sorted}
+                                   "extract_shared_first_time_sorted_key_hash": first_sorted,
+                                   "inference_first_time": inf_first,
+                                   "inference_known_segment_other_sources": inf_known,
+                                   "inference_known_segment_stages_median_ms": {
+                                       name: statistics.median(r.get(name, 0.0) for r in inf_stages)
+                                       for name in sorted({k for r in inf_stages for k in r})}}
     print("B1", json.dumps(report["B1_reconstruction"], indent=1), flush=True)
 
     # B7's "per segment" cost outside the network: initial Gaussians of a 300 k-point segment (the demo's cap),
@@ -235,7 +256,21 @@ def main():
     report["segment_init_300k"] = {"knn_seconds": knn_s, "init_with_cached_knn_ms": init_cached["median_ms"]}
     print("init", report["segment_init_300k"], flush=True)
 
-    # B2: rendering one more view of the reconstructed segment, per render path (default first)
+    if "b2" in args.parts:
+        report["B2_render"] = bench_b2(model, batch, device, iters, warm)
+    if "b3" in args.parts:
+        report["B3_train_step"] = bench_b3(model, batch, device, iters, args.quick)
+    if device.type == "cuda" and not args.quick and "b4" in args.parts:
+        del model  # B4 measures peaks with only its own model resident
+        report["B4_memory"] = bench_b4(batch, pts, device, args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print("wrote", out)
+
+
+def bench_b2(model, batch, device, iters, warm):
+    """B2: rendering one more view of the reconstructed segment, per render path (default first)."""
     model.eval()
     variants = {"default": {}, "no_view_cull": {"view_cull": False}, "joint_composite": {"composite": "joint"},
                 "tile_16": {"raster_tile_size": 16}, "float32_render": {"render_tf32": False},
@@ -275,12 +310,14 @@ def main():
                              "fraction_below_0.05": float((opa < 0.05).float().mean())}
     b2["num_gaussians"] = shared.num_gaussians
     b2["num_in_view_bound"] = int(v0.numel())
-    report["B2_render"] = b2
     model.train()
+    return b2
 
-    # B3: train step vs number of target views
+
+def bench_b3(model, batch, device, iters, quick):
+    """B3: train step against the number of target views."""
     b3 = {}
-    for T in ([1, 3] if args.quick else [1, 3, 6, 12]):
+    for T in ([1, 3] if quick else [1, 3, 6, 12]):
         b = SegmentBatch(0, 0, batch.source, Views(*(getattr(batch.target, f)[:T] for f in
                                                    ("image", "extrinsics", "intrinsics", "depth", "frame_indices",
                                                     "cam_indices", "keyframe_indices"))), False)
@@ -289,37 +326,35 @@ def main():
         b3[T] = {"ours_ms": ours["median_ms"], "recompute_ms": rec["median_ms"],
                  "speedup": rec["median_ms"] / ours["median_ms"]}
         print("B3", T, b3[T], flush=True)
-    report["B3_train_step"] = b3
+    return b3
 
-    # B4: peak memory of a train step (T = 1), sparse vs dense sampling, over the reference boxes
-    if device.type == "cuda" and not args.quick:
-        b4 = {}
-        one = SegmentBatch(0, 0, batch.source, Views(*(getattr(batch.target, f)[:1] for f in
-                                                     ("image", "extrinsics", "intrinsics", "depth", "frame_indices",
-                                                      "cam_indices", "keyframe_indices"))), False)
-        for box_name, box in (("kitti360", KITTI_BOX), ("waymo", WAYMO_BOX)):
-            for mode in ("sparse", "dense"):
-                del model
-                torch.cuda.empty_cache()
-                model = build_model(device, pts, volume_sampling=mode, volume_aabb=box, weights=args.weights,
-                                    sparse_conv_impl=args.sparse_conv_impl)
-                model.train()
-                train_step(model, one, "ours")  # warm (kernel maps)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                train_step(model, one, "ours")
-                torch.cuda.synchronize()
-                b4[f"{box_name}_{mode}"] = {"peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
-                                            "peak_over_resident_GiB": (torch.cuda.max_memory_allocated() - base) / 2**30}
-                print("B4", box_name, mode, b4[f"{box_name}_{mode}"], flush=True)
-        for box_name in ("kitti360", "waymo"):
-            b4[f"{box_name}_sparse_over_dense"] = b4[f"{box_name}_sparse"]["peak_GiB"] / b4[f"{box_name}_dense"]["peak_GiB"]
-        report["B4_memory"] = b4
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
-    print("wrote", out)
+
+def bench_b4(batch, pts, device, args):
+    """B4: peak memory of a train step (T = 1), sparse vs dense sampling, over the reference boxes."""
+    b4 = {}
+    one = SegmentBatch(0, 0, batch.source, Views(*(getattr(batch.target, f)[:1] for f in
+                                                 ("image", "extrinsics", "intrinsics", "depth", "frame_indices",
+                                                  "cam_indices", "keyframe_indices"))), False)
+    model = None
+    for box_name, box in (("kitti360", KITTI_BOX), ("waymo", WAYMO_BOX)):
+        for mode in ("sparse", "dense"):
+            del model
+            torch.cuda.empty_cache()
+            model = build_model(device, pts, volume_sampling=mode, volume_aabb=box, weights=args.weights,
+                                sparse_conv_impl=args.sparse_conv_impl)
+            model.train()
+            train_step(model, one, "ours")  # warm (kernel maps)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            train_step(model, one, "ours")
+            torch.cuda.synchronize()
+            b4[f"{box_name}_{mode}"] = {"peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
+                                        "peak_over_resident_GiB": (torch.cuda.max_memory_allocated() - base) / 2**30}
+            print("B4", box_name, mode, b4[f"{box_name}_{mode}"], flush=True)
+    for box_name in ("kitti360", "waymo"):
+        b4[f"{box_name}_sparse_over_dense"] = b4[f"{box_name}_sparse"]["peak_GiB"] / b4[f"{box_name}_dense"]["peak_GiB"]
+    return b4
 
 
 if __name__ == "__main__":

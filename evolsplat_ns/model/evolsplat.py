@@ -83,6 +83,11 @@ class EvolSplatModelConfig(ModelConfig):
     segment's points. Points outside sample zero features. Dense sampling allocates this whole box."""
     freeze_volume: bool = False
     """Compute a segment's feature volume once (no gradient to the U-Net) and reuse it for its later batches."""
+    reuse_volume: bool = True
+    """In inference (eval mode, no gradient), a segment reconstructed again with other source views reuses its
+    volume features and offsets: they depend only on the segment's seed cloud and the network's weights, not on the
+    source images. One segment is kept (the last one reconstructed); a change of weights (an optimizer step, a
+    loaded checkpoint) or of the segment's offsets recomputes it."""
     num_source_views: Optional[int] = None
     """Source views per batch (source keyframes x cameras); taken from the data when None."""
     bg_num_points: int = 700 * 700
@@ -279,16 +284,30 @@ class EvolSplatModel(Model):
         with stage("voxelize"):
             vox = self.segments.cached("voxels", lambda: voxelize(
                 means0, seg["colours"], self.config.voxel_size, *((box[:3], box[3:]) if box is not None else ())))
-        with stage("unet"):
-            if self.config.freeze_volume:
-                volume = self.segments.cached("frozen_volume", lambda: self._encode_frozen(vox))
-            else:
-                volume = self.encoder(vox.tensor(), cache=vox.kernel_maps)
+        reuse = self.config.reuse_volume and not self.training and not torch.is_grad_enabled()
+        key = self._volume_version(seg) if reuse else None
+        hit = self.segments.get_cache("volume_points") if reuse else None
+        f3_all, offset_all = hit[1:] if hit is not None and hit[0] == key else (None, None)
+        if f3_all is None:
+            with stage("unet"):
+                if self.config.freeze_volume:
+                    volume = self.segments.cached("frozen_volume", lambda: self._encode_frozen(vox))
+                else:
+                    volume = self.encoder(vox.tensor(), cache=vox.kernel_maps)
         with stage("volume_sampling"):
             idx = mask.nonzero().squeeze(-1)
-            f3 = sample_volume(volume, vox, means0[idx] + offset[idx], mode=self.config.volume_sampling)
+            if reuse and f3_all is None:  # every point of the segment, whichever of them these sources see
+                f3_all = sample_volume(volume, vox, means0 + offset, mode=self.config.volume_sampling)
+            f3 = f3_all[idx] if reuse else sample_volume(volume, vox, means0[idx] + offset[idx],
+                                                         mode=self.config.volume_sampling)
         with stage("offset_head"):
-            new_offset = self.heads.predict_offset(f3)
+            if reuse and offset_all is None:
+                offset_all = self.heads.predict_offset(f3_all)
+                # One segment's at a time ([N, C + 3] floats each). Its key holds ints, so the store drops the
+                # entry when it moves the segment between devices and leaves it out of checkpoints.
+                self.segments.clear_caches("volume_points")
+                self.segments.set_cache("volume_points", (key, f3_all, offset_all))
+            new_offset = offset_all[idx] if reuse else self.heads.predict_offset(f3)
         if self.training:
             self.segments.update_offset(idx, new_offset.detach())
         means = means0[idx] + new_offset
@@ -300,6 +319,14 @@ class EvolSplatModel(Model):
             base_rgb = source_colour(fw, valid[idx], len(src), self.config.local_radius, fallback=seg["colours"][idx])
         return SharedState(f3=f3, means=means, fw=fw, base_log_scale=seg["log_scales"][idx], mask=mask,
                            ref_c2w=src.extrinsics[mid], source=src, base_rgb=base_rgb)
+
+    def _volume_version(self, seg: Dict[str, Tensor]) -> Tuple[Tuple[int, int], ...]:
+        """What the reused volume features depend on besides the segment: the storage and in-place version of every
+        parameter and buffer of the encoder and the heads (an optimizer step or a loaded checkpoint changes them)
+        and of the segment's points and offsets."""
+        tensors = [*self.encoder.parameters(), *self.encoder.buffers(), *self.heads.parameters(),
+                   seg["means"], seg["offset"], seg["colours"]]
+        return tuple((t.data_ptr(), t._version) for t in tensors)
 
     @torch.no_grad()
     def _encode_frozen(self, vox):

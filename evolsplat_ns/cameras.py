@@ -25,9 +25,8 @@ _FLIP_YZ = np.diag([1.0, -1.0, -1.0, 1.0])
 
 
 def _flip(c2w: ArrayLike) -> ArrayLike:
-    if isinstance(c2w, torch.Tensor):
-        flip = torch.as_tensor(_FLIP_YZ, dtype=c2w.dtype, device=c2w.device)
-        return c2w @ flip
+    if isinstance(c2w, torch.Tensor):  # negate the y and z columns: exact, and no host matrix to copy over
+        return torch.cat([c2w[..., :1], -c2w[..., 1:3], c2w[..., 3:]], dim=-1)
     return np.asarray(c2w) @ _FLIP_YZ.astype(np.asarray(c2w).dtype)
 
 

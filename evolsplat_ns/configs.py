@@ -98,10 +98,11 @@ def make_finetune_config() -> TrainerConfig:
     from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
     from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 
+    from evolsplat_ns.engine.optimizers import FusedAdamOptimizerConfig
     from evolsplat_ns.finetune.model import EvolSplatFinetuneModelConfig
 
-    def adam(lr, scheduler=None):
-        return {"optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15), "scheduler": scheduler}
+    def adam(lr, scheduler=None):  # splatfacto's Adam settings; the fused kernel (evolsplat_ns.engine.optimizers)
+        return {"optimizer": FusedAdamOptimizerConfig(lr=lr, eps=1e-15), "scheduler": scheduler}
 
     return TrainerConfig(
         method_name="evolsplat-ft",

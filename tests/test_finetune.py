@@ -75,7 +75,10 @@ def test_finetune_options_are_set_by_name_and_a_typo_is_refused(tmp_path):
     default = cfg.pipeline.model.reset_alpha_every
     apply_overrides(cfg, {"pipeline.model.reset_alpha_every": default + 7, "max_num_iterations": 5})
     assert cfg.pipeline.model.reset_alpha_every == default + 7 and cfg.max_num_iterations == 5
-    for bad in ("pipeline.model.reset_alpha_evry", "pipeline.nomodel.reset_alpha_every"):
+    apply_overrides(cfg, {"optimizers.means.optimizer.fused": False})  # dict keys on the way
+    assert cfg.optimizers["means"]["optimizer"].fused is False and cfg.optimizers["scales"]["optimizer"].fused
+    for bad in ("pipeline.model.reset_alpha_evry", "pipeline.nomodel.reset_alpha_every", "optimizers.mean.optimizer.fused",
+                "optimizers.means"):
         with pytest.raises(ConfigError, match=bad.replace(".", r"\.")):
             apply_overrides(cfg, {bad: 1})
 
@@ -227,3 +230,85 @@ def test_the_clock_loop_spends_each_budget_and_shows_progress(capsys):
     out = capsys.readouterr().out
     assert "clock" in out and f"{steps} steps" in out and "1,234 Gaussians" in out
     assert train_on_the_clock(trainer, [60.0], max_steps=3, show_progress=False) == 3
+
+
+def _finetune_model(tmp_path, **options):
+    from nerfstudio.data.scene_box import SceneBox
+
+    from evolsplat_ns.finetune.model import EvolSplatFinetuneModelConfig
+
+    g = _gaussians(torch.randn(50, 3))
+    ply = write_gaussian_ply(tmp_path / "g.ply", g["means"], g["sh"], g["opacity_logit"], g["log_scales"], g["quats"])
+    cfg = EvolSplatFinetuneModelConfig(init_ply=ply, **options)
+    return cfg.setup(scene_box=SceneBox(torch.tensor([[-1.0, -1, -1], [1, 1, 1]])), num_train_data=4, metadata={})
+
+
+def test_sync_free_steps_compute_splatfacto_losses_and_statistics(tmp_path):
+    """``sync_free`` (the default) changes how a step reaches its values, not the values: splatfacto's losses, gsplat's
+    densification statistics (same strategy settings), and the image size of a training camera, read once."""
+    from gsplat.strategy import DefaultStrategy
+    from nerfstudio.cameras.cameras import Cameras
+
+    from evolsplat_ns.finetune.model import DenseStatsStrategy
+
+    model = _finetune_model(tmp_path).train()
+    reference = _finetune_model(tmp_path, sync_free=False).train()
+    assert isinstance(model.strategy, DenseStatsStrategy) and type(reference.strategy) is DefaultStrategy
+    assert {f: getattr(model.strategy, f) for f in vars(reference.strategy)} == vars(reference.strategy)
+
+    g = torch.Generator().manual_seed(1)
+    outputs = {"rgb": torch.rand(16, 24, 3, generator=g), "background": torch.zeros(3)}
+    batch = {"image": (torch.rand(16, 24, 3, generator=g) * 255).to(torch.uint8)}
+    ours, theirs = model.get_loss_dict(outputs, batch), reference.get_loss_dict(outputs, batch)
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert torch.equal(ours[k], theirs[k]), k
+
+    n = 50
+    for absgrad in (False, True):
+        states = []
+        for strategy in (model.strategy, reference.strategy):
+            strategy.absgrad = absgrad
+            state = strategy.initialize_state(scene_scale=1.0)
+            for step in range(3):
+                gg = torch.Generator().manual_seed(step)
+                means2d = torch.zeros(1, n, 2, requires_grad=True)
+                means2d.grad = torch.randn(1, n, 2, generator=gg)
+                means2d.absgrad = means2d.grad.abs()
+                radii = torch.randint(0, 4, (1, n), generator=gg, dtype=torch.int32)
+                info = {"width": 24, "height": 16, "n_cameras": 1, "radii": radii, "gaussian_ids": None,
+                        "means2d": means2d}
+                strategy._update_state(model.gauss_params, state, info)
+            states.append(state)
+        for k in ("grad2d", "count", "radii"):
+            assert torch.equal(states[0][k], states[1][k]), (k, absgrad)
+
+    cam = Cameras(camera_to_worlds=torch.eye(4)[None, :3], fx=20.0, fy=20.0, cx=12.0, cy=8.0, width=24, height=16,
+                  metadata={"cam_idx": 2})
+    assert model.image_size(cam) == (16, 24)
+    cam.height[:] = 99  # training cameras keep their size: the first reading is kept
+    assert model.image_size(cam) == (16, 24)
+    cam.metadata = None  # a camera that is not a training camera (the viewer's) is read every time
+    assert model.image_size(cam) == (99, 24)
+
+
+def test_fine_tuning_uses_fused_adam_with_splatfacto_settings():
+    """evolsplat-ft's optimisers are splatfacto's Adam (same rates, eps) in torch's fused implementation: the same
+    updates as the default implementation, to float rounding."""
+    from evolsplat_ns.configs import make_finetune_config
+
+    spec = make_finetune_config().optimizers["means"]["optimizer"]
+    torch.manual_seed(0)
+    p0 = torch.randn(1000, 3)
+    params = {}
+    for fused in (True, False):
+        spec.fused = fused
+        p = torch.nn.Parameter(p0.clone())
+        opt = spec.setup([p])
+        assert opt.defaults["fused"] is fused and opt.defaults["eps"] == 1e-15 and opt.defaults["lr"] == 1.6e-4
+        for step in range(5):
+            p.grad = torch.sin(p.detach() * (step + 1))
+            opt.step()
+        params[fused] = p.detach()
+    torch.testing.assert_close(params[True], params[False], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(params[True], p0)

@@ -18,14 +18,16 @@ weights are not in torch's hub cache, a stand-in is used and the ``lpips`` metri
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Type
+from typing import Dict, Optional, Tuple, Type
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
+from gsplat.strategy import DefaultStrategy
 from nerfstudio.models.splatfacto import SplatfactoModel, SplatfactoModelConfig
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,13 @@ class EvolSplatFinetuneModelConfig(SplatfactoModelConfig):
     """'auto' (gsplat on CUDA, the PyTorch reference rasterizer on the CPU), 'gsplat' or 'torch'."""
     raster_tile_size: int = 16
     """Pixel tile size of the rasterizer (gsplat's default 16; see the feed-forward model's option of that name)."""
+    sync_free: bool = True
+    """No host synchronisation per step of this model's own: each training camera's image size is read once and
+    kept on the host, splatfacto's loss is computed without copies from the host (its ``scale_reg`` of 0 is a host
+    tensor copied to the device, and pytorch_msssim copies its window in every call: each copy waits for the
+    device), and the densification statistics are accumulated
+    densely (gsplat's ``DefaultStrategy`` selects the visible Gaussians with ``torch.where``, which waits too). The
+    values are the same; the host can then queue the next step while the device runs this one."""
     budget_refine_stop: float = 0.5
     """On a wall-clock budget (``evolsplat-ns-infer --finetune-seconds`` with its default schedule 'budget'):
     densification (growing, pruning, opacity resets) stops after this fraction of the budget, as splatfacto stops
@@ -79,6 +88,31 @@ def _lpips_without_download():
         yield
     finally:
         lpip_module.LearnedPerceptualImagePatchSimilarity = real
+
+
+@dataclass
+class DenseStatsStrategy(DefaultStrategy):
+    """gsplat's default densification strategy, with its running statistics (screen-space gradient norm, visibility
+    count, largest screen radius) accumulated over all Gaussians with masks instead of over the visible ones'
+    indices. The sums are the same (one camera per step: each Gaussian gets at most one term); the indices would
+    need ``torch.where``, a host synchronisation on every step."""
+
+    def _update_state(self, params, state: Dict, info: Dict, packed: bool = False) -> None:
+        if packed:
+            return super()._update_state(params, state, info, packed=True)
+        grads = info[self.key_for_gradient].absgrad if self.absgrad else info[self.key_for_gradient].grad
+        sx, sy = info["width"] / 2.0 * info["n_cameras"], info["height"] / 2.0 * info["n_cameras"]
+        n = len(list(params.values())[0])
+        for name in ("grad2d", "count") + (("radii",) if self.refine_scale2d_stop_iter > 0 else ()):
+            if state[name] is None:
+                state[name] = torch.zeros(n, device=grads.device)
+        seen = info["radii"] > 0.0  # [C, N]
+        norm = torch.stack([grads[..., 0] * sx, grads[..., 1] * sy], dim=-1).norm(dim=-1)  # [C, N]
+        state["grad2d"] += torch.where(seen, norm, 0.0).sum(0)
+        state["count"] += seen.sum(0, dtype=torch.float32)
+        if self.refine_scale2d_stop_iter > 0:
+            radii = torch.where(seen, info["radii"] / float(max(info["width"], info["height"])), 0.0).amax(0)
+            torch.maximum(state["radii"], radii, out=state["radii"])
 
 
 class EvolSplatFinetuneModel(SplatfactoModel):
@@ -114,6 +148,11 @@ class EvolSplatFinetuneModel(SplatfactoModel):
                   "features_rest": sh[:, 1:], "opacities": g["opacity_logit"][:, None]}
         self.gauss_params = torch.nn.ParameterDict({k_: torch.nn.Parameter(v.float()) for k_, v in params.items()})
         self.info = None
+        if self.config.sync_free:
+            s = self.strategy
+            self.strategy = DenseStatsStrategy(**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)})
+        self._train_sizes: Dict[int, Tuple[int, int]] = {}
+        """(height, width) of each training camera (``cam_idx``) seen so far (``sync_free``)."""
 
     def follow_budget(self, fraction: float, step: int) -> None:
         """Where a wall-clock budget stands (:func:`evolsplat_ns.finetune.run.follow_budget`): from
@@ -133,6 +172,36 @@ class EvolSplatFinetuneModel(SplatfactoModel):
                    "gaussian_count": self.num_points}
         self.camera_optimizer.get_metrics_dict(metrics)
         return metrics
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
+        """splatfacto's losses. With ``sync_free``, where splatfacto would only add a zero ``scale_reg`` (no mask, no
+        bilateral grid, no scale regularisation this step), the same losses are computed here with that zero made on
+        the device: splatfacto makes it on the host and copies it, which waits for the device."""
+        plain = ("mask" not in batch and not self.config.use_bilateral_grid
+                 and not (self.config.use_scale_regularization and self.step % 10 == 0))
+        if not (self.config.sync_free and plain):
+            return super().get_loss_dict(outputs, batch, metrics_dict)
+        gt = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+        pred = outputs["rgb"]
+        if self.ssim.win.device != pred.device:  # pytorch_msssim keeps its window on the host and copies it over
+            self.ssim.win = self.ssim.win.to(pred.device)  # in every call (a wait for the device): move it once
+        l1 = torch.abs(gt - pred).mean()
+        ssim = 1 - self.ssim(gt.permute(2, 0, 1)[None, ...], pred.permute(2, 0, 1)[None, ...])
+        loss = {"main_loss": (1 - self.config.ssim_lambda) * l1 + self.config.ssim_lambda * ssim,
+                "scale_reg": torch.zeros((), device=pred.device)}
+        if self.training:
+            self.camera_optimizer.get_loss_dict(loss)
+        return loss
+
+    def image_size(self, camera: Cameras) -> Tuple[int, int]:
+        """(height, width) of ``camera``; a training camera's is read from the device once (``sync_free``)."""
+        idx = (camera.metadata or {}).get("cam_idx") if self.training and self.config.sync_free else None
+        if idx is not None and int(idx) in self._train_sizes:
+            return self._train_sizes[int(idx)]
+        hw = int(camera.height.reshape(-1)[0]), int(camera.width.reshape(-1)[0])
+        if idx is not None:
+            self._train_sizes[int(idx)] = hw
+        return hw
 
     def step_post_backward(self, step: int) -> None:
         if self.info is None:  # the CPU rasterizer keeps no screen-space record: no densification
@@ -156,7 +225,7 @@ class EvolSplatFinetuneModel(SplatfactoModel):
         pose = self.camera_optimizer.apply_to_camera(camera) if self.training else None
         c2w, K = from_nerfstudio_cameras(camera, pose)
         scale = self._get_downscale_factor()
-        H, W = int(camera.height.reshape(-1)[0]) // scale, int(camera.width.reshape(-1)[0]) // scale
+        H, W = (v // scale for v in self.image_size(camera))
         K = K[0].clone()
         K[:2] /= scale
         interval = self.config.sh_degree_interval

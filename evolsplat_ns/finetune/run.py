@@ -163,16 +163,17 @@ def finetune_config(data: Path, init_ply: Path, output_dir: Path, name: str, dev
 
 
 def apply_overrides(cfg, overrides: Optional[Dict[str, object]]) -> None:
-    """Set dotted config fields (``{"pipeline.model.reset_alpha_every": 1000}``) on ``cfg``; an unknown field is a
+    """Set dotted config fields (``{"pipeline.model.reset_alpha_every": 1000}``, ``{"optimizers.means.optimizer.fused":
+    False}``) on ``cfg``; an unknown field is a
     ``ConfigError`` naming it (a typo must not run the default silently)."""
     from evolsplat_ns.errors import ConfigError
 
     for key, value in (overrides or {}).items():
         *path, last = key.split(".")
         obj = cfg
-        for name in path:
-            obj = getattr(obj, name, None)
-        if obj is None or not hasattr(obj, last):
+        for name in path:  # attributes, and keys of dicts (``optimizers.means.optimizer.fused``)
+            obj = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+        if obj is None or isinstance(obj, dict) or not hasattr(obj, last):
             raise ConfigError(f"evolsplat-ft has no option '{key}'")
         setattr(obj, last, value)
 

@@ -156,6 +156,15 @@ def render_gaussians(
     if kind == "gsplat":
         import gsplat
 
+        if sh_degree is not None:
+            # gsplat would evaluate the SH itself, with camera centres from torch.inverse(viewmats): a host
+            # synchronisation on every render (linalg.inv checks its result on the host). The centres are c2w's
+            # translations: evaluate here with gsplat's own SH kernel and offset, and pass colours.
+            dirs = means[None] - c2w_b[:, None, :3, 3].to(means.dtype)  # [C, N, 3]
+            shs = colors.expand(C, *colors.shape) if colors.dim() == 3 else colors  # [C, N, K, 3]
+            colors = torch.clamp_min(gsplat.spherical_harmonics(sh_degree, dirs, shs) + 0.5, 0.0)
+            sh_degree = None
+
         render_colors, render_alphas, info = gsplat.rasterization(
             means=means,
             quats=quats,

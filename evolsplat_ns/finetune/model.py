@@ -1,6 +1,6 @@
 """``evolsplat-ft``: nerfstudio's splatfacto, started from given Gaussians instead of a sparse point cloud.
 
-The model is splatfacto's (its losses, optimisers, densification strategy, viewer and export support), with two
+The model is splatfacto's (its losses, optimisers, densification strategy, viewer and export support), with these
 differences:
 
 * **Initialisation** from a standard 3DGS PLY (``init_ply``): means, scales, rotations, opacities and SH
@@ -10,6 +10,8 @@ differences:
   calls it (its ``info`` feeds the densification strategy), and the project's pure-PyTorch rasterizer on the CPU,
   where gsplat has no kernels (densification is then skipped: the reference rasterizer keeps no screen-space
   gradients; the CPU path is for tests and tiny scenes).
+* **Steps that do not wait for the device** (``sync_free``, same values) and torch's fused Adam
+  (:mod:`evolsplat_ns.engine.optimizers`): short fine-tuning runs on a wall-clock budget make more steps.
 
 splatfacto builds torchmetrics' LPIPS when it is set up; that downloads AlexNet weights, which fails offline. When the
 weights are not in torch's hub cache, a stand-in is used and the ``lpips`` metric reads NaN (said once, as a warning).
@@ -50,12 +52,12 @@ class EvolSplatFinetuneModelConfig(SplatfactoModelConfig):
     raster_tile_size: int = 16
     """Pixel tile size of the rasterizer (gsplat's default 16; see the feed-forward model's option of that name)."""
     sync_free: bool = True
-    """No host synchronisation per step of this model's own: each training camera's image size is read once and
-    kept on the host, splatfacto's loss is computed without copies from the host (its ``scale_reg`` of 0 is a host
-    tensor copied to the device, and pytorch_msssim copies its window in every call: each copy waits for the
-    device), and the densification statistics are accumulated
-    densely (gsplat's ``DefaultStrategy`` selects the visible Gaussians with ``torch.where``, which waits too). The
-    values are the same; the host can then queue the next step while the device runs this one."""
+    """No host synchronisation in a training step of this model: each training camera's image size is read once
+    and kept on the host; splatfacto's loss is computed without copies from the host (its zero ``scale_reg`` is a
+    host tensor copied over, and pytorch_msssim copies its window in every call: each copy waits for the device);
+    the densification statistics are accumulated with masks (:class:`DenseStatsStrategy`; gsplat's selects the
+    visible Gaussians with ``torch.where``, which waits too). The values are the same; the host can queue the next
+    step while the device runs this one (``benchmarks/profile_finetune_step.py`` lists what a step waits for)."""
     budget_refine_stop: float = 0.5
     """On a wall-clock budget (``evolsplat-ns-infer --finetune-seconds`` with its default schedule 'budget'):
     densification (growing, pruning, opacity resets) stops after this fraction of the budget, as splatfacto stops

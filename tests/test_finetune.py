@@ -312,3 +312,63 @@ def test_fine_tuning_uses_fused_adam_with_splatfacto_settings():
         params[fused] = p.detach()
     torch.testing.assert_close(params[True], params[False], rtol=1e-6, atol=1e-7)
     assert not torch.equal(params[True], p0)
+
+
+def _tiny_exported_scene(root, n_images=6, H=24, W=32):
+    """A scene as export_scene writes it: images, transforms.json (4 training, 2 test views), init_gaussians.ply."""
+    import json
+
+    from PIL import Image
+
+    data = root / "data"
+    (data / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(n_images):
+        Image.fromarray((rng.random((H, W, 3)) * 255).astype(np.uint8)).save(data / f"images/{i}.png")
+        c2w = np.eye(4)
+        c2w[0, 3], c2w[2, 3] = 0.1 * i, 2.0
+        frames.append({"file_path": f"images/{i}.png", "transform_matrix": c2w.tolist(), "fl_x": 30.0, "fl_y": 30.0,
+                       "cx": W / 2, "cy": H / 2, "w": W, "h": H})
+    names = [f["file_path"] for f in frames]
+    (data / "transforms.json").write_text(json.dumps({"camera_model": "OPENCV", "frames": frames,
+                                                      "train_filenames": names[:4], "val_filenames": names[4:],
+                                                      "test_filenames": names[4:]}))
+    g = _gaussians(torch.randn(300, 3) * 0.5)
+    write_gaussian_ply(data / "init_gaussians.ply", g["means"], g["sh"], g["opacity_logit"], g["log_scales"] - 1,
+                       g["quats"])
+    return data
+
+
+@pytest.mark.gpu
+def test_a_fine_tuning_step_does_not_wait_for_the_device(tmp_path):
+    """On CUDA, evolsplat-ft's training steps (render, splatfacto's losses, fused Adam, densification statistics)
+    make no call that waits for the device (torch's sync debug mode), so the host queues the next step while the
+    device runs this one. Steps that grow or prune Gaussians (every 100th) may wait; these are not among them."""
+    import warnings
+
+    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+
+    from evolsplat_ns.finetune.run import finetune_config, train_on_the_clock
+
+    data = _tiny_exported_scene(tmp_path)
+    cfg = finetune_config(data, data / "init_gaussians.ply", tmp_path / "runs", "s", "cuda")
+    trainer = cfg.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    train_on_the_clock(trainer, [1e9], max_steps=5, show_progress=False)  # every training camera seen once
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for step in range(5, 10):
+                for cb in trainer.callbacks:
+                    cb.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+                trainer.train_iteration(step)
+                for cb in trainer.callbacks:
+                    cb.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert not waits, waits[:3]
+    assert trainer.pipeline.model.strategy_state["count"].sum() > 0  # the statistics were accumulated

@@ -76,6 +76,12 @@ def test_a_change_of_weights_recomputes_the_volume():
     assert len(calls) == n + 1
     assert not torch.allclose(after_load.f3, after_step.f3)
     _assert_same_state(after_load, _recomputed(model, batch))
+    # an option that shapes the volume (dense sampling, as the reference samples it)
+    model.config.volume_sampling = "dense"
+    with torch.no_grad():
+        dense = model.extract_shared(batch)
+    assert len(calls) == n + 3  # after_load, its recomputation, and dense
+    _assert_same_state(dense, _recomputed(model, batch))
 
 
 def test_training_never_reuses_and_checkpoints_do_not_hold_it():

@@ -320,13 +320,15 @@ class EvolSplatModel(Model):
         return SharedState(f3=f3, means=means, fw=fw, base_log_scale=seg["log_scales"][idx], mask=mask,
                            ref_c2w=src.extrinsics[mid], source=src, base_rgb=base_rgb)
 
-    def _volume_version(self, seg: Dict[str, Tensor]) -> Tuple[Tuple[int, int], ...]:
-        """What the reused volume features depend on besides the segment: the storage and in-place version of every
-        parameter and buffer of the encoder and the heads (an optimizer step or a loaded checkpoint changes them)
-        and of the segment's points and offsets."""
+    def _volume_version(self, seg: Dict[str, Tensor]) -> tuple:
+        """What the reused volume features depend on besides the segment: the options that shape the volume, and the
+        storage and in-place version of every parameter and buffer of the encoder and the heads (an optimizer step
+        or a loaded checkpoint changes them) and of the segment's points, colours and offsets."""
+        c = self.config
         tensors = [*self.encoder.parameters(), *self.encoder.buffers(), *self.heads.parameters(),
                    seg["means"], seg["offset"], seg["colours"]]
-        return tuple((t.data_ptr(), t._version) for t in tensors)
+        options = (c.voxel_size, c.volume_aabb, c.volume_sampling, c.freeze_volume, self.heads.offset_max)
+        return (options, *((t.data_ptr(), t._version) for t in tensors))
 
     @torch.no_grad()
     def _encode_frozen(self, vox):

@@ -10,6 +10,13 @@
 #   bash scripts/gpu/real.sh curves RUN [BUDGETS...]     # issue 17: splatfacto and fine-tuning from ours side by side
 #   VARIANTS="default:;windows:--bake windows" bash scripts/gpu/real.sh variants RUN [BUDGETS...]
 #                                                         # fine-tuning variants one after the other, each alone
+# Packing that fits 64 MiB a call with the wheels (session 10; tracked files ~9 MiB, .whl 33, .whl_real 13 MiB):
+#   here: P="python scripts/gpu/pack_pandaset.py pack data/pandaset/002"
+#         $P .gpu_data/p1 --downscale 2 --quality 85 --cameras front --no-lidar       # call 1: .whl .whl_real p1
+#         $P .gpu_data/p2 --downscale 2 --quality 85 --cameras front_left front_right left right --every 2 --radius 80
+#         $P .gpu_data/p3 --downscale 2 --quality 85 --cameras back --no-lidar        # call 3: p3, then train
+#   (.whl_real: pandas + python-dateutil, pytz, tzdata, six as Python 3.12 wheels; the LiDAR unpack writes pandas
+#   pickles.) Make the calls back to back: the machine keeps /tmp (data, trained runs) only ~30 s after a call.
 # Results under $OUT (default outputs/real).
 source scripts/gpu/env.sh
 RES=${OUT:-outputs/real}

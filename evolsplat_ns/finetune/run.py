@@ -163,9 +163,9 @@ def finetune_config(data: Path, init_ply: Path, output_dir: Path, name: str, dev
 
 
 def apply_overrides(cfg, overrides: Optional[Dict[str, object]]) -> None:
-    """Set dotted config fields (``{"pipeline.model.reset_alpha_every": 1000}``, ``{"optimizers.means.optimizer.fused":
-    False}``) on ``cfg``; an unknown field is a
-    ``ConfigError`` naming it (a typo must not run the default silently)."""
+    """Set dotted config fields on ``cfg`` (``{"pipeline.model.reset_alpha_every": 1000}``; dict keys on the way too:
+    ``{"optimizers.means.optimizer.fused": False}``). An unknown field is a ``ConfigError`` naming it (a typo must
+    not run the default silently)."""
     from evolsplat_ns.errors import ConfigError
 
     for key, value in (overrides or {}).items():

@@ -1,7 +1,8 @@
 """A known segment reconstructed again in inference reuses its volume features and offsets (``reuse_volume``).
 
-They depend on the segment's seed cloud and the network's weights only, not on the source images, so a second
-reconstruction with other sources skips the U-Net and gives what recomputing them gives; a change of weights (in
+They depend on the segment's seed cloud and the network's weights only, not on the source images, so a later
+reconstruction with other sources skips the U-Net (the second samples every point once, the later ones gather) and
+gives what recomputing them gives; a change of weights (in
 place, as an optimizer step makes it, or by loading a checkpoint) recomputes them; training never reuses them; only
 one segment's are kept, and checkpoints do not hold them.
 """
@@ -43,13 +44,15 @@ def test_other_sources_reuse_the_volume_and_equal_a_recomputation():
     calls = _counted(model)
     other = _other_sources(batch)
     with torch.no_grad():
-        first = model.extract_shared(batch)
-        again = model.extract_shared(other)
-    assert len(calls) == 1, "the second reconstruction of the segment ran the U-Net again"
+        first = model.extract_shared(batch)  # keeps the volume
+        again = model.extract_shared(other)  # samples every point once
+        third = model.extract_shared(batch)  # gathers
+    assert len(calls) == 1, "a later reconstruction of the segment ran the U-Net again"
     assert not torch.equal(first.mask, again.mask), "the sources should see other points (the test's premise)"
-    ref = _recomputed(model, other)
-    assert len(calls) == 2
-    _assert_same_state(again, ref)
+    _assert_same_state(again, _recomputed(model, other))
+    _assert_same_state(third, _recomputed(model, batch))
+    _assert_same_state(third, first)
+    assert len(calls) == 3
 
 
 def test_a_change_of_weights_recomputes_the_volume():

@@ -85,9 +85,10 @@ class EvolSplatModelConfig(ModelConfig):
     """Compute a segment's feature volume once (no gradient to the U-Net) and reuse it for its later batches."""
     reuse_volume: bool = True
     """In inference (eval mode, no gradient), a segment reconstructed again with other source views reuses its
-    volume features and offsets: they depend only on the segment's seed cloud and the network's weights, not on the
-    source images. One segment is kept (the last one reconstructed); a change of weights (an optimizer step, a
-    loaded checkpoint) or of the segment's offsets recomputes it."""
+    feature volume, then (from the third reconstruction) its volume features and offsets at every point: they depend
+    only on the segment's seed cloud and the network's weights, not on the source images. One segment is kept (the
+    last one reconstructed); a change of weights (an optimizer step, a loaded checkpoint), of the segment's offsets
+    or of an option that shapes the volume recomputes it."""
     num_source_views: Optional[int] = None
     """Source views per batch (source keyframes x cameras); taken from the data when None."""
     bg_num_points: int = 700 * 700
@@ -267,13 +268,12 @@ class EvolSplatModel(Model):
 
         ``stage(name)``, if given, wraps each step in a context manager (``window_features``, ``voxelize``, ``unet``,
         ``volume_sampling``, ``offset_head``): the benchmarks time the stages of this very code through it."""
-        from evolsplat_ns.model.sparse import sample_volume, voxelize
+        from evolsplat_ns.model.sparse import voxelize
         from evolsplat_ns.model.window_features import sample_window_features, source_colour
 
         stage = stage or _no_stage
         seg = self.segments.current
         means0: Tensor = seg["means"]
-        offset: Tensor = seg["offset"]
         src = batch.source
         spacing = torch.exp(seg["log_scales"][:, 0])  # the points' neighbour spacing: their z-buffer footprint
         depths = src.depth if self.config.visibility_depth == "data" else None
@@ -284,30 +284,7 @@ class EvolSplatModel(Model):
         with stage("voxelize"):
             vox = self.segments.cached("voxels", lambda: voxelize(
                 means0, seg["colours"], self.config.voxel_size, *((box[:3], box[3:]) if box is not None else ())))
-        reuse = self.config.reuse_volume and not self.training and not torch.is_grad_enabled()
-        key = self._volume_version(seg) if reuse else None
-        hit = self.segments.get_cache("volume_points") if reuse else None
-        f3_all, offset_all = hit[1:] if hit is not None and hit[0] == key else (None, None)
-        if f3_all is None:
-            with stage("unet"):
-                if self.config.freeze_volume:
-                    volume = self.segments.cached("frozen_volume", lambda: self._encode_frozen(vox))
-                else:
-                    volume = self.encoder(vox.tensor(), cache=vox.kernel_maps)
-        with stage("volume_sampling"):
-            idx = mask.nonzero().squeeze(-1)
-            if reuse and f3_all is None:  # every point of the segment, whichever of them these sources see
-                f3_all = sample_volume(volume, vox, means0 + offset, mode=self.config.volume_sampling)
-            f3 = f3_all[idx] if reuse else sample_volume(volume, vox, means0[idx] + offset[idx],
-                                                         mode=self.config.volume_sampling)
-        with stage("offset_head"):
-            if reuse and offset_all is None:
-                offset_all = self.heads.predict_offset(f3_all)
-                # One segment's at a time ([N, C + 3] floats each). Its key holds ints, so the store drops the
-                # entry when it moves the segment between devices and leaves it out of checkpoints.
-                self.segments.clear_caches("volume_points")
-                self.segments.set_cache("volume_points", (key, f3_all, offset_all))
-            new_offset = offset_all[idx] if reuse else self.heads.predict_offset(f3)
+        idx, f3, new_offset = self._volume_features(seg, vox, mask, stage)
         if self.training:
             self.segments.update_offset(idx, new_offset.detach())
         means = means0[idx] + new_offset
@@ -319,6 +296,46 @@ class EvolSplatModel(Model):
             base_rgb = source_colour(fw, valid[idx], len(src), self.config.local_radius, fallback=seg["colours"][idx])
         return SharedState(f3=f3, means=means, fw=fw, base_log_scale=seg["log_scales"][idx], mask=mask,
                            ref_c2w=src.extrinsics[mid], source=src, base_rgb=base_rgb)
+
+    def _volume_features(self, seg: Dict[str, Tensor], vox, mask: Tensor, stage) -> Tuple[Tensor, Tensor, Tensor]:
+        """Indices ``idx [M]`` of the segment's points kept by ``mask [N]``, their volume features ``[M, C]`` and
+        predicted offsets ``[M, 3]``.
+
+        In inference (``reuse_volume``, eval mode, no gradient) they are reused across reconstructions of the same
+        segment, whatever its source views: the first keeps the feature volume (its cost is unchanged), the second
+        samples the volume and predicts the offsets at every point of the segment once, and the later ones only
+        gather those rows. One segment's are kept; the key (:meth:`_volume_version`) holds ints, so the segment
+        store drops the entry when it moves the segment between devices and leaves it out of checkpoints."""
+        from evolsplat_ns.model.sparse import sample_volume
+
+        seg_points = seg["means"] + seg["offset"]
+        mode = self.config.volume_sampling
+        reuse = self.config.reuse_volume and not self.training and not torch.is_grad_enabled()
+        key = self._volume_version(seg) if reuse else None
+        hit = self.segments.get_cache("volume_points") if reuse else None
+        volume, f3_all, offset_all = hit[1:] if hit is not None and hit[0] == key else (None, None, None)
+        if volume is None and f3_all is None:
+            with stage("unet"):
+                if self.config.freeze_volume:
+                    volume = self.segments.cached("frozen_volume", lambda: self._encode_frozen(vox))
+                else:
+                    volume = self.encoder(vox.tensor(), cache=vox.kernel_maps)
+            if reuse:
+                self.segments.clear_caches("volume_points")  # one segment's at a time
+                self.segments.set_cache("volume_points", (key, volume, None, None))
+        elif f3_all is None:  # the segment's second reconstruction: every point, once
+            with stage("volume_sampling"):
+                f3_all = sample_volume(volume, vox, seg_points, mode=mode)
+            with stage("offset_head"):
+                offset_all = self.heads.predict_offset(f3_all)
+            self.segments.set_cache("volume_points", (key, None, f3_all, offset_all))
+        with stage("volume_sampling"):
+            idx = mask.nonzero().squeeze(-1)
+            if f3_all is not None:
+                return idx, f3_all[idx], offset_all[idx]
+            f3 = sample_volume(volume, vox, seg_points[idx], mode=mode)
+        with stage("offset_head"):
+            return idx, f3, self.heads.predict_offset(f3)
 
     def _volume_version(self, seg: Dict[str, Tensor]) -> tuple:
         """What the reused volume features depend on besides the segment: the options that shape the volume, and the

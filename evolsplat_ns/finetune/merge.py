@@ -102,15 +102,23 @@ def consensus(parts: List[Tuple[Tensor, Dict[str, Tensor]]], num_points: int) ->
             sums[k][idx] += g[k].detach().cpu().to(dt)
         q = g["quats"].detach().cpu().to(dt)
         q_first[idx[new]] = q[new]
-        sign = torch.where((q * q_first[idx]).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(dt)
-        q_sum[idx] += q * sign
+        q_sum[idx] += _same_hemisphere(q, q_first[idx])
     keep = torch.nonzero(count > 0)[:, 0]
     n = count[keep]
     out = {k: v[keep] / n.reshape((-1,) + (1,) * (v.dim() - 1)) for k, v in sums.items()}
-    quats = q_sum[keep]
-    out["quats"] = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    out["quats"] = _unit(q_sum[keep])
     out["opacity_logit"] = torch.logit(torch.nanmedian(opa[:, keep], dim=0).values.clamp(1e-6, 1 - 1e-6))
     return keep, out
+
+
+def _same_hemisphere(q: Tensor, ref: Tensor) -> Tensor:
+    """``q`` with each row flipped to the hemisphere of the matching row of ``ref`` (q and -q are the same rotation,
+    so averages of quaternions are taken after this)."""
+    return q * torch.where((q * ref).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(q.dtype)
+
+
+def _unit(q: Tensor) -> Tensor:
+    return q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def bake_views(parts: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
@@ -118,12 +126,11 @@ def bake_views(parts: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
     :meth:`EvolSplatModel.export_gaussians` returns): SH, log-scales averaged; opacity averaged as a probability;
     quaternions averaged after flipping each to the first one's hemisphere (q and -q are the same rotation)."""
     q0 = parts[0]["quats"]
-    quats = torch.stack([g["quats"] * torch.where((g["quats"] * q0).sum(-1, keepdim=True) < 0, -1.0, 1.0)
-                         for g in parts]).mean(0)
+    quats = torch.stack([_same_hemisphere(g["quats"], q0) for g in parts]).mean(0)
     opacity = torch.stack([torch.sigmoid(g["opacity_logit"]) for g in parts]).mean(0).clamp(1e-6, 1 - 1e-6)
     return {"means": parts[0]["means"], "sh": torch.stack([g["sh"] for g in parts]).mean(0),
             "opacity_logit": torch.logit(opacity), "log_scales": torch.stack([g["log_scales"] for g in parts]).mean(0),
-            "quats": quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)}
+            "quats": _unit(quats)}
 
 
 @torch.no_grad()

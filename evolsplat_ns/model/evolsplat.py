@@ -308,7 +308,6 @@ class EvolSplatModel(Model):
         store drops the entry when it moves the segment between devices and leaves it out of checkpoints."""
         from evolsplat_ns.model.sparse import sample_volume
 
-        seg_points = seg["means"] + seg["offset"]
         mode = self.config.volume_sampling
         reuse = self.config.reuse_volume and not self.training and not torch.is_grad_enabled()
         key = self._volume_version(seg) if reuse else None
@@ -325,7 +324,7 @@ class EvolSplatModel(Model):
                 self.segments.set_cache("volume_points", (key, volume, None, None))
         elif f3_all is None:  # the segment's second reconstruction: every point, once
             with stage("volume_sampling"):
-                f3_all = sample_volume(volume, vox, seg_points, mode=mode)
+                f3_all = sample_volume(volume, vox, seg["means"] + seg["offset"], mode=mode)
             with stage("offset_head"):
                 offset_all = self.heads.predict_offset(f3_all)
             self.segments.set_cache("volume_points", (key, None, f3_all, offset_all))
@@ -333,7 +332,7 @@ class EvolSplatModel(Model):
             idx = mask.nonzero().squeeze(-1)
             if f3_all is not None:
                 return idx, f3_all[idx], offset_all[idx]
-            f3 = sample_volume(volume, vox, seg_points[idx], mode=mode)
+            f3 = sample_volume(volume, vox, seg["means"][idx] + seg["offset"][idx], mode=mode)
         with stage("offset_head"):
             return idx, f3, self.heads.predict_offset(f3)
 

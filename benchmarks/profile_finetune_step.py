@@ -43,34 +43,8 @@ def find_scene(root: Path) -> Path:
     raise FileNotFoundError(f"{root}: no exported scene (a folder with transforms.json and init_gaussians.ply)")
 
 
-def sync_sources(fn, steps: int):
-    """[(where, calls per step)] of the synchronising CUDA calls made by ``fn()`` (``steps`` steps), most frequent
-    first; ``where`` is the innermost frames of the call's Python stack inside nerfstudio, gsplat or this project."""
-    import collections
-    import traceback
-    import warnings
-
-    counts: collections.Counter = collections.Counter()
-    shown = warnings.showwarning
-
-    def record(message, category, filename, lineno, file=None, line=None):
-        frames = [f for f in traceback.extract_stack()[:-1]
-                  if any(k in f.filename for k in ("nerfstudio", "gsplat", "evolsplat_ns", "torch/optim"))]
-        counts[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[::-1][:3])] += 1
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = record
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-            warnings.showwarning = shown
-    return [(where, n / steps) for where, n in counts.most_common()]
-
-
 def main() -> None:
+    from evolsplat_ns.engine.device_waits import device_waits
     from evolsplat_ns.finetune.run import apply_overrides, finetune_config, train_on_the_clock
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,7 +107,8 @@ def main() -> None:
                     sorted(events, key=lambda e: -e.self_device_time_total)[:15]] if cuda else [],
     )
     if cuda:
-        report["sync_sources"] = sync_sources(lambda: run(5), 5)
+        waits = device_waits(lambda: run(5))
+        report["sync_sources"] = [(where, n / 5) for where, n in waits.most_common()]
         for where, count in report["sync_sources"]:
             print(f"{count:5.1f} per step  {where}")
     print(json.dumps({k: report[k] for k in ("gaussians", "wall_ms", "steps_per_s", "wall_ms_after_densification",

@@ -345,10 +345,9 @@ def test_a_fine_tuning_step_does_not_wait_for_the_device(tmp_path):
     """On CUDA, evolsplat-ft's training steps (render, splatfacto's losses, fused Adam, densification statistics)
     make no call that waits for the device (torch's sync debug mode), so the host queues the next step while the
     device runs this one. Steps that grow or prune Gaussians (every 100th) may wait; these are not among them."""
-    import warnings
-
     from nerfstudio.engine.callbacks import TrainingCallbackLocation
 
+    from evolsplat_ns.engine.device_waits import device_waits
     from evolsplat_ns.finetune.run import finetune_config, train_on_the_clock
 
     data = _tiny_exported_scene(tmp_path)
@@ -357,18 +356,15 @@ def test_a_fine_tuning_step_does_not_wait_for_the_device(tmp_path):
     trainer.setup()
     train_on_the_clock(trainer, [1e9], max_steps=5, show_progress=False)  # every training camera seen once
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for step in range(5, 10):
-                for cb in trainer.callbacks:
-                    cb.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-                trainer.train_iteration(step)
-                for cb in trainer.callbacks:
-                    cb.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-    assert not waits, waits[:3]
+
+    def steps():
+        for step in range(5, 10):
+            for cb in trainer.callbacks:
+                cb.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+            trainer.train_iteration(step)
+            for cb in trainer.callbacks:
+                cb.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+
+    waits = device_waits(steps)
+    assert not waits, waits.most_common(3)
     assert trainer.pipeline.model.strategy_state["count"].sum() > 0  # the statistics were accumulated

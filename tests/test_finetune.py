@@ -368,3 +368,33 @@ def test_a_fine_tuning_step_does_not_wait_for_the_device(tmp_path):
     waits = device_waits(steps)
     assert not waits, waits.most_common(3)
     assert trainer.pipeline.model.strategy_state["count"].sum() > 0  # the statistics were accumulated
+
+
+def test_device_waits_counts_only_synchronising_calls(monkeypatch):
+    """The helper behind the GPU test above and ``profile_finetune_step.py`` counts the warnings of torch's sync debug
+    mode, by where they come from, and nothing else: not the warning that switching the mode on gives (on the H200
+    it was counted as a wait), nor other warnings. Runs anywhere: the mode switch is replaced by one that warns as
+    torch's does."""
+    import warnings
+
+    import evolsplat_ns.engine.device_waits as dw
+
+    def switch(mode):
+        if mode == "warn":
+            warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all "
+                          "synchronizing operations")
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", switch)
+
+    def work():
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("an unrelated warning")
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        waits = dw.device_waits(work, parts=("tests",))
+    assert sum(waits.values()) == 2 and len(waits) == 2  # two call sites, once each
+    assert all("work" in key for key in waits)
+    shown = [str(w.message) for w in shown]  # other warnings are shown as usual, the counted ones are not
+    assert "an unrelated warning" in shown and not any("called a synchronizing" in m for m in shown)

@@ -153,9 +153,11 @@ def test_cuda_igemm_equals_gather_at_segment_size(segment_size_runs):
 
     * eval mode: values within 1e-5 of their largest value, the input gradient within 1e-4 beyond the gather
       path's error (on the H200: 3.3e-5, gather 1.1e-7; TF32 products would be ~1e-3);
-    * training mode: batch norm's backward over the small coarse levels amplifies float32 rounding (float32 is
-      ~1e-2 from float64 at this size for both paths), so the implicit GEMM's input gradient must be no further
-      from float64 than the gather path's (with margin);
+    * training mode: batch norm's backward over the small coarse levels amplifies float32 rounding. How much
+      depends on the summation order: on the H200 the gather path's input gradient was once ~1e-2 from float64 and
+      once 2.1e-7, the implicit GEMM's 1.4e-4 (its Triton configuration is autotuned, so its order can change from
+      run to run). So the implicit GEMM must be within 5e-4 of float64 beyond the gather path's error: far below
+      what a wrong neighbour gives (order 1); TF32 products are caught by the eval-mode bound above;
     * the implicit GEMM is deterministic: two backward passes give bitwise equal gradients.
     """
     r = segment_size_runs
@@ -163,7 +165,7 @@ def test_cuda_igemm_equals_gather_at_segment_size(segment_size_runs):
     assert _err(yb, y64) < 1e-5 and _err(ya, y64) < 1e-5, (_err(yb, y64), _err(ya, y64))
     assert _err(gb, g64) <= 4 * _err(ga, g64) + 1e-4, (_err(gb, g64), _err(ga, g64))
     (_, t64, _), (_, t32, _), (_, ti, _) = r["train64"], r["train_gather"], r["train_igemm"]
-    assert _err(ti, t64) <= 4 * _err(t32, t64) + 1e-4, (_err(ti, t64), _err(t32, t64))
+    assert _err(ti, t64) <= 4 * _err(t32, t64) + 5e-4, (_err(ti, t64), _err(t32, t64))
     (_, g1, p1), (_, g2, p2) = r["train_igemm"], r["train_igemm_again"]
     assert torch.equal(g1, g2) and all(torch.equal(u, v) for u, v in zip(p1, p2))
 

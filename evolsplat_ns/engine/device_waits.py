@@ -17,6 +17,10 @@ from typing import Callable, Sequence
 
 import torch
 
+SYNC_WARNING = "called a synchronizing CUDA operation"
+"""What torch's sync debug mode says of each synchronising call. Setting the mode also warns ("Synchronization debug
+mode is a prototype feature ..."), which is not a synchronising call and must not be counted."""
+
 PROJECT_PARTS = ("nerfstudio", "gsplat", "evolsplat_ns", "torch/optim")
 """Path parts of the frames that name a call's origin (the innermost frames of these packages)."""
 
@@ -30,7 +34,7 @@ def device_waits(fn: Callable[[], object], parts: Sequence[str] = PROJECT_PARTS,
     shown = warnings.showwarning
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" not in str(message):
+        if SYNC_WARNING not in str(message):
             return shown(message, category, filename, lineno, file, line)
         frames = [f for f in traceback.extract_stack()[:-1] if any(k in f.filename for k in parts)]
         counts[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[::-1][:depth])] += 1

@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_splatfacto import _save_png, compare_scene, parse_option  # noqa: E402
+from evolsplat_ns.finetune.run import SCHEDULES  # noqa: E402
 
 CAMERAS = ["front", "front_left", "front_right", "left", "right", "back"]
 
@@ -183,7 +184,7 @@ def main() -> None:
     f.add_argument("--ft-option", nargs="+", default=[], type=parse_option, metavar="FIELD=VALUE",
                    help="evolsplat-ft config fields for the fine-tuning run")
     f.add_argument("--bake", choices=["middle", "sources", "windows"], default="middle")
-    f.add_argument("--schedule", choices=["budget", "steps"], default="budget",
+    f.add_argument("--schedule", choices=SCHEDULES, default="budget",
                    help="fine-tuning schedule: stretched over each budget (one run each) or splatfacto's by steps")
     f.add_argument("--load-config", type=Path, required=True)
     f.add_argument("--budgets", type=float, nargs="+", default=[30.0, 300.0])

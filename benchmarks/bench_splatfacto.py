@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from evolsplat_ns.finetune.run import SCHEDULES  # noqa: E402
 
 
 class _NoLPIPS(torch.nn.Module):
@@ -217,7 +218,7 @@ def main():
                     help="evolsplat-ft config fields, e.g. pipeline.model.reset_alpha_every=1000")
     ap.add_argument("--bake", choices=["middle", "sources", "windows"], default="middle",
                     help="viewpoints the fine-tuning start is decoded for (evolsplat_ns.finetune.merge)")
-    ap.add_argument("--schedule", choices=["budget", "steps"], default="budget",
+    ap.add_argument("--schedule", choices=SCHEDULES, default="budget",
                     help="fine-tuning schedule (evolsplat_ns.finetune.run.train_on_the_clock): 'budget' stretches "
                          "the learning-rate decay over each budget, one run per budget; 'steps': splatfacto's, one "
                          "run scored after each budget")

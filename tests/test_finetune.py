@@ -168,6 +168,7 @@ def test_training_psnr_is_torchmetrics_psnr():
                             camera_optimizer=SimpleNamespace(get_metrics_dict=lambda d: None))
     model.get_gt_img = lambda im: SplatfactoModel.get_gt_img(model, im)
     model.composite_with_background = lambda im, bg: SplatfactoModel.composite_with_background(model, im, bg)
+    model._target_image = lambda o, b: EvolSplatFinetuneModel._target_image(model, o, b)
     m = EvolSplatFinetuneModel.get_metrics_dict(model, {"rgb": pred, "background": torch.zeros(3)}, {"image": gt})
     want = PeakSignalNoiseRatio(data_range=1.0)(pred, gt.float() / 255.0)
     assert float(m["psnr"]) == pytest.approx(float(want), rel=1e-5) and m["gaussian_count"] == 17
@@ -259,10 +260,17 @@ def test_sync_free_steps_compute_splatfacto_losses_and_statistics(tmp_path):
     g = torch.Generator().manual_seed(1)
     outputs = {"rgb": torch.rand(16, 24, 3, generator=g), "background": torch.zeros(3)}
     batch = {"image": (torch.rand(16, 24, 3, generator=g) * 255).to(torch.uint8)}
-    ours, theirs = model.get_loss_dict(outputs, batch), reference.get_loss_dict(outputs, batch)
+    converted = []
+    model.get_gt_img = lambda im: converted.append(im) or type(model).get_gt_img(model, im)
+    metrics = model.get_metrics_dict(outputs, batch)  # nerfstudio's order in a step: metrics, then losses
+    ours, theirs = model.get_loss_dict(outputs, batch, metrics), reference.get_loss_dict(outputs, batch)
     assert ours.keys() == theirs.keys()
     for k in theirs:
         assert torch.equal(ours[k], theirs[k]), k
+    assert len(converted) == 1  # the ground truth is converted once for both
+    outputs = {**outputs, "background": torch.ones(3)}  # the next step: a new background (random in training)
+    ours, theirs = model.get_loss_dict(outputs, batch), reference.get_loss_dict(outputs, batch)
+    assert len(converted) == 2 and all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
     n = 50
     for absgrad in (False, True):

@@ -169,7 +169,7 @@ class EvolSplatFinetuneModel(SplatfactoModel):
         millisecond of host time on every step of a short fine-tuning run."""
         if not self.training or self.config.color_corrected_metrics:
             return super().get_metrics_dict(outputs, batch)
-        gt = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+        gt = self._target_image(outputs, batch)
         metrics = {"psnr": -10.0 * torch.log10(torch.mean((outputs["rgb"] - gt) ** 2)),
                    "gaussian_count": self.num_points}
         self.camera_optimizer.get_metrics_dict(metrics)
@@ -183,7 +183,7 @@ class EvolSplatFinetuneModel(SplatfactoModel):
                  and not (self.config.use_scale_regularization and self.step % 10 == 0))
         if not (self.config.sync_free and plain):
             return super().get_loss_dict(outputs, batch, metrics_dict)
-        gt = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+        gt = self._target_image(outputs, batch)
         pred = outputs["rgb"]
         if self.ssim.win.device != pred.device:  # pytorch_msssim keeps its window on the host and copies it over
             self.ssim.win = self.ssim.win.to(pred.device)  # in every call (a wait for the device): move it once
@@ -194,6 +194,18 @@ class EvolSplatFinetuneModel(SplatfactoModel):
         if self.training:
             self.camera_optimizer.get_loss_dict(loss)
         return loss
+
+    def _target_image(self, outputs, batch) -> torch.Tensor:
+        """The step's ground truth as splatfacto compares it (float, downscaled as scheduled, composited with the
+        step's background). nerfstudio's pipeline asks for the metrics, then the losses, of the same outputs and
+        batch: the image is converted once for both (the last conversion is kept for exactly those objects)."""
+        key = (batch["image"], outputs["background"], self._get_downscale_factor())
+        kept = getattr(self, "_kept_target", None)
+        if kept is not None and kept[0][0] is key[0] and kept[0][1] is key[1] and kept[0][2] == key[2]:
+            return kept[1]
+        gt = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+        self._kept_target = (key, gt)
+        return gt
 
     def image_size(self, camera: Cameras) -> Tuple[int, int]:
         """(height, width) of ``camera``; a training camera's is read from the device once (``sync_free``)."""

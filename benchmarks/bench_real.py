@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_splatfacto import _save_png, compare_scene, parse_option  # noqa: E402
-from evolsplat_ns.finetune.run import SCHEDULES  # noqa: E402
+from benchmarks.bench_splatfacto import (  # noqa: E402
+    _save_png, add_finetune_arguments, compare_scene, finetune_variants)
 
 CAMERAS = ["front", "front_left", "front_right", "left", "right", "back"]
 
@@ -149,17 +149,26 @@ def trace(config: Path, steps) -> list:
     return rows
 
 
-def splatfacto(config: Path, budgets, out: Path, images: int, methods=("splatfacto",), ft_overrides=None,
-               bake: str = "middle", schedule: str = "budget") -> dict:
+def splatfacto(config: Path, budgets, out: Path, images: int, methods=("splatfacto",), variants=None,
+               schedule: str = "budget") -> dict:
+    """(b) and issue 17's fine-tuning (``methods``; ``variants``: :class:`FinetuneVariant` runs) on each held-out
+    scene; ``out/bench_real_splatfacto.json`` is rewritten after each method and variant."""
     from nerfstudio.utils.eval_utils import eval_setup
 
     _, pipe, _, _ = eval_setup(config, test_mode="test")
     report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "scenes": {}}
+
+    def partial(name):
+        def write(row):
+            report["scenes"][name] = row
+            (out / "bench_real_splatfacto.json").write_text(json.dumps(report, indent=2))
+        return write
+
     for sid in pipe.datamanager.eval_scene_ids:
         name = pipe.datamanager.scenes[sid].name
         report["scenes"][name] = compare_scene(pipe, sid, out / name, out / "runs", name, budgets, images,
-                                               out / f"real_splatfacto_{name}", methods, ft_overrides, bake,
-                                               schedule)
+                                               out / f"real_splatfacto_{name}", methods, variants, schedule,
+                                               partial(name))
     return report
 
 
@@ -181,11 +190,7 @@ def main() -> None:
     f = sub.add_parser("splatfacto", help="(b) splatfacto on the held-out camera's input frames (and/or fine-tuning "
                                           "from our feed-forward Gaussians: --methods)")
     f.add_argument("--methods", nargs="+", choices=["splatfacto", "finetune"], default=["splatfacto"])
-    f.add_argument("--ft-option", nargs="+", default=[], type=parse_option, metavar="FIELD=VALUE",
-                   help="evolsplat-ft config fields for the fine-tuning run")
-    f.add_argument("--bake", choices=["middle", "sources", "windows"], default="middle")
-    f.add_argument("--schedule", choices=SCHEDULES, default="budget",
-                   help="fine-tuning schedule: stretched over each budget (one run each) or splatfacto's by steps")
+    add_finetune_arguments(f)
     f.add_argument("--load-config", type=Path, required=True)
     f.add_argument("--budgets", type=float, nargs="+", default=[30.0, 300.0])
     f.add_argument("--out", type=Path, required=True)
@@ -200,8 +205,7 @@ def main() -> None:
     elif a.stage == "trace":
         report = {str(c): trace(c, a.steps) for c in a.load_config}
     else:
-        report = splatfacto(a.load_config, a.budgets, a.out, a.images, a.methods, dict(a.ft_option), a.bake,
-                            a.schedule)
+        report = splatfacto(a.load_config, a.budgets, a.out, a.images, a.methods, finetune_variants(a), a.schedule)
     (a.out / f"bench_real_{a.stage}.json").write_text(json.dumps(report, indent=2))
     print(f"columns of the images: ground truth | ours | seed cloud (eval); ground truth | ours | splatfacto "
           f"budgets (splatfacto). JSON: {a.out / f'bench_real_{a.stage}.json'}")

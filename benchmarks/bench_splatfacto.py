@@ -17,7 +17,9 @@ import argparse
 import copy
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -112,37 +114,120 @@ def run_splatfacto(scene_dir: Path, runs_dir: Path, name: str, budgets, metric, 
     return results, renders
 
 
+@dataclass
+class FinetuneVariant:
+    """One fine-tuning run of a comparison: ``name`` (its row keys get ``_<name>``; "" for none), the ``evolsplat-ft``
+    config fields it sets (:func:`evolsplat_ns.finetune.run.apply_overrides`) and the viewpoints of its start
+    (``bake``: :func:`evolsplat_ns.finetune.merge.scene_gaussians`)."""
+
+    name: str = ""
+    overrides: Dict[str, object] = field(default_factory=dict)
+    bake: str = "middle"
+
+
+def add_finetune_arguments(ap: argparse.ArgumentParser) -> None:
+    """The fine-tuning options of both comparisons (this script and ``bench_real.py splatfacto``)."""
+    from evolsplat_ns.finetune.merge import BAKES
+
+    ap.add_argument("--ft-option", nargs="+", default=[], metavar="FIELD=VALUE", type=parse_option,
+                    help="evolsplat-ft config fields, e.g. pipeline.model.reset_alpha_every=1000 (under every "
+                         "--variant too)")
+    ap.add_argument("--bake", choices=BAKES, default="middle",
+                    help="viewpoints the fine-tuning start is decoded for (evolsplat_ns.finetune.merge)")
+    ap.add_argument("--schedule", choices=SCHEDULES, default="budget",
+                    help="fine-tuning schedule (evolsplat_ns.finetune.run.train_on_the_clock): 'budget' stretches "
+                         "the learning-rate decay over each budget, one run per budget; 'steps': splatfacto's, one "
+                         "run scored after each budget")
+    ap.add_argument("--variant", action="append", nargs="+", default=[], metavar=("NAME", "FIELD=VALUE"),
+                    help="a named fine-tuning run with its own evolsplat-ft fields (and bake=...), repeatable: the "
+                         "variants run one after the other in this process, from the same feed-forward model and "
+                         "exported scene (a sweep pays the set-up once); a variant that fails is recorded and the "
+                         "others go on")
+
+
+def finetune_variants(args: argparse.Namespace) -> List[FinetuneVariant]:
+    """The fine-tuning runs that ``args`` (:func:`add_finetune_arguments`) ask for: one unnamed run, or the
+    ``--variant`` runs. A bad name, start or config field is refused here, before any long work."""
+    import re
+
+    from evolsplat_ns.configs import evolsplat_ft
+    from evolsplat_ns.errors import ConfigError
+    from evolsplat_ns.finetune.merge import BAKES
+    from evolsplat_ns.finetune.run import apply_overrides
+
+    def checked(v: FinetuneVariant) -> FinetuneVariant:
+        try:
+            apply_overrides(copy.deepcopy(evolsplat_ft.config), v.overrides)
+        except ConfigError as e:
+            raise SystemExit(f"{'--variant ' + v.name if v.name else '--ft-option'}: {e}") from None
+        return v
+
+    if not args.variant:
+        return [checked(FinetuneVariant("", dict(args.ft_option), args.bake))]
+    out: List[FinetuneVariant] = []
+    for name, *fields in args.variant:
+        if not re.fullmatch(r"[A-Za-z0-9-]+", name) or name in {v.name for v in out}:
+            raise SystemExit(f"--variant {name!r}: a name must be unique and made of letters, digits and '-'")
+        v = FinetuneVariant(name, dict(args.ft_option), args.bake)
+        for text in fields:
+            key, value = parse_option(text)
+            if key == "bake":
+                if value not in BAKES:
+                    raise SystemExit(f"--variant {name}: bake must be one of {BAKES}, got {value!r}")
+                v.bake = value
+            else:
+                v.overrides[key] = value
+        out.append(checked(v))
+    return out
+
+
 def compare_scene(pipe, scene_id: int, scene_dir: Path, runs_dir: Path, name: str, budgets, images: int,
-                  png_prefix: Path, methods=("splatfacto",), ft_overrides=None, bake: str = "middle",
-                  schedule: str = "budget") -> dict:
+                  png_prefix: Path, methods=("splatfacto",), variants: Optional[Sequence[FinetuneVariant]] = None,
+                  schedule: str = "budget", on_row: Optional[Callable[[dict], None]] = None) -> dict:
     """One held-out scene: export it (:func:`export_scene`), score the feed-forward renders and, for each of
-    ``methods`` ("splatfacto": from the seed cloud; "finetune": from the merged feed-forward Gaussians), the
-    optimisation after each budget on the same views, and save ``images`` side-by-side PNGs
-    ``<png_prefix>_view<i>.png`` (ground truth | evolsplat-ff | each method per budget). Returns the scene's row."""
-    from evolsplat_ns.finetune.run import mean_metrics
+    ``methods`` ("splatfacto": from the seed cloud; "finetune": from the merged feed-forward Gaussians, once per
+    fine-tuning variant, default one unnamed run), the optimisation after each budget on the same views, and save
+    ``images`` side-by-side PNGs ``<png_prefix>_view<i>.png`` (ground truth | evolsplat-ff | each method per budget).
+    Returns the scene's row; ``on_row(row)`` is called after each method and variant (a sweep cut short keeps what
+    it finished)."""
+    from evolsplat_ns.finetune.run import finetune_scene, mean_metrics
     from evolsplat_ns.finetune.scene import export_scene
 
     metric = pipe.ff_model.image_metrics
     exported = export_scene(pipe, scene_id, scene_dir, seed_cloud=True)
     targets = exported.targets
     ours = feed_forward_renders(pipe, scene_id)
+    shown = list(range(0, len(targets), max(1, len(targets) // images)))[:images]
     row = {"train_views": exported.num_train, "test_views": len(targets),
            "evolsplat_ff": mean_metrics(metric, ours, targets)}
     renders = {}
     if "splatfacto" in methods:
         results, renders = run_splatfacto(scene_dir, runs_dir, name, budgets, metric, targets)
         row.update(results)
-    if "finetune" in methods:  # issue 17: the same budgets, from the feed-forward Gaussians (evolsplat-ns-infer's path)
-        from evolsplat_ns.finetune.run import finetune_scene
-
-        ft = finetune_scene(pipe, scene_id, scene_dir.parent / f"{name}_finetune", list(budgets),
-                            {k: row["evolsplat_ff"][k] for k in ("psnr", "ssim")}, keep_renders=True,
-                            overrides=ft_overrides, bake=bake, schedule=schedule)
-        renders[f"finetuned_{int(max(budgets))}s"] = ft.pop("renders")
-        row["finetune_curve"] = ft["curve"]
-        row["merged_start"] = ft["merged_start"]
+        if on_row is not None:
+            on_row(row)
+    variants = list(variants) if variants else [FinetuneVariant()]
+    for v in variants if "finetune" in methods else []:  # issue 17: the same budgets, from the feed-forward Gaussians
+        suffix = f"_{v.name}" if v.name else ""
+        try:
+            ft = finetune_scene(pipe, scene_id, scene_dir.parent / f"{name}_finetune{suffix}", list(budgets),
+                                {k: row["evolsplat_ff"][k] for k in ("psnr", "ssim")}, keep_renders=True,
+                                overrides=v.overrides, bake=v.bake, schedule=schedule)
+        except Exception as e:  # a sweep goes on with the other variants; a single run fails as it is
+            if len(variants) == 1:
+                raise
+            row[f"finetune_error{suffix}"] = f"{type(e).__name__}: {e}"
+            print(f"variant {v.name} failed: {row[f'finetune_error{suffix}']}", flush=True)
+            continue
+        preds = ft.pop("renders")
+        renders[f"finetuned{suffix}_{int(max(budgets))}s"] = {i: preds[i] for i in shown}
+        row[f"finetune_curve{suffix}"] = ft["curve"]
+        row[f"merged_start{suffix}"] = ft["merged_start"]
+        row[f"gaussians{suffix}"] = ft["gaussians"]
         row["feed_forward_seconds"] = ft["feed_forward"]["seconds"]
-    for i in range(0, len(targets), max(1, len(targets) // images))[:images]:
+        if on_row is not None:
+            on_row(row)
+    for i in shown:
         cols = [targets[i], ours[i].clamp(0, 1)] + [renders[k][i].clamp(0, 1) for k in renders]
         _save_png(Path(f"{png_prefix}_view{i:02d}.png"), torch.cat(cols, dim=1))
     return row
@@ -214,14 +299,7 @@ def main():
                          "feed-forward Gaussians, for the same budgets")
     ap.add_argument("--finetune", action="store_true", help="same as --methods splatfacto finetune")
     ap.add_argument("--merge", type=Path, nargs="+", help="only merge these reports (and plot them) into --out")
-    ap.add_argument("--ft-option", nargs="+", default=[], metavar="FIELD=VALUE", type=parse_option,
-                    help="evolsplat-ft config fields, e.g. pipeline.model.reset_alpha_every=1000")
-    ap.add_argument("--bake", choices=["middle", "sources", "windows"], default="middle",
-                    help="viewpoints the fine-tuning start is decoded for (evolsplat_ns.finetune.merge)")
-    ap.add_argument("--schedule", choices=SCHEDULES, default="budget",
-                    help="fine-tuning schedule (evolsplat_ns.finetune.run.train_on_the_clock): 'budget' stretches "
-                         "the learning-rate decay over each budget, one run per budget; 'steps': splatfacto's, one "
-                         "run scored after each budget")
+    add_finetune_arguments(ap)
     args = ap.parse_args()
     if args.merge:
         merge_reports(args.merge, args.out)
@@ -229,6 +307,7 @@ def main():
     if args.load_config is None:
         ap.error("--load-config is required (unless --merge)")
     methods = ["splatfacto", "finetune"] if args.finetune else args.methods
+    variants = finetune_variants(args)  # a bad variant is refused before the model is loaded
     from nerfstudio.utils.eval_utils import eval_setup
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -236,16 +315,20 @@ def main():
     report = {"evolsplat_checkpoint_step": step, "device": torch.cuda.get_device_name(0)
               if torch.cuda.is_available() else "cpu", "scenes": {}}
     for sid in pipe.datamanager.eval_scene_ids[: args.scenes]:
+        def partial(row, sid=sid):  # written after each method and variant: a run cut short keeps its rows
+            report["scenes"][str(sid)] = row
+            (args.out / "bench_splatfacto.json").write_text(json.dumps(report, indent=2))
+
         row = compare_scene(pipe, sid, args.out / f"scene{sid:03d}", args.out / "runs", f"scene{sid:03d}", args.budgets,
-                            args.images, args.out / f"b7b_scene{sid:03d}", methods, dict(args.ft_option),
-                            args.bake, args.schedule)
+                            args.images, args.out / f"b7b_scene{sid:03d}", methods, variants, args.schedule, partial)
         report["scenes"][str(sid)] = row
         print(json.dumps(row, indent=1), flush=True)
     (args.out / "bench_splatfacto.json").write_text(json.dumps(report, indent=2))
     plot_curves(report, args.out / "psnr_vs_seconds.png")
     print("columns of the images: ground truth | evolsplat-ff"
           + "".join(f" | splatfacto {int(b)} s" for b in sorted(args.budgets) if "splatfacto" in methods)
-          + (f" | fine-tuned from ours {int(max(args.budgets))} s" if "finetune" in methods else ""))
+          + "".join(f" | fine-tuned from ours {int(max(args.budgets))} s{' (' + v.name + ')' if v.name else ''}"
+                    for v in variants if "finetune" in methods))
 
 
 if __name__ == "__main__":

@@ -398,6 +398,45 @@ def test_a_budget_curve_is_one_fine_tuning_run_per_budget(trained, tmp_path):
     assert w["gaussians"]["start"] > 0 and abs(w["merged_start"]["psnr"] - r["merged_start"]["psnr"]) < 3.0
 
 
+def test_a_fine_tuning_sweep_runs_its_variants_in_one_process(trained, tmp_path):
+    """The benchmarks' ``--variant`` sweep (GPU time goes to the runs, not to loading the model and exporting the
+    scene again): each variant is its own fine-tuning run with its own options and start, its rows are named after
+    it and reported as soon as it ends, and a variant that fails is recorded while the others go on. A bad variant
+    is refused before any work."""
+    import argparse
+    import sys
+
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.bench_splatfacto import add_finetune_arguments, compare_scene, finetune_variants
+
+    ap = argparse.ArgumentParser()
+    add_finetune_arguments(ap)
+    args = ap.parse_args(["--ft-option", "pipeline.model.warmup_length=7", "--variant", "plain",
+                          "--variant", "win", "bake=windows", "pipeline.model.refine_every=50",
+                          "--variant", "bad", "pipeline.model.budget_refine_stop=2.0"])
+    variants = finetune_variants(args)
+    assert [(v.name, v.bake) for v in variants] == [("plain", "middle"), ("win", "windows"), ("bad", "middle")]
+    assert variants[1].overrides == {"pipeline.model.warmup_length": 7, "pipeline.model.refine_every": 50}
+    for bad in (["--variant", "a", "--variant", "a"], ["--variant", "a b"], ["--variant", "a", "bake=nowhere"],
+                ["--variant", "a", "pipeline.model.no_such_field=1"], ["--ft-option", "pipeline.nope=1"]):
+        with pytest.raises(SystemExit, match="--variant a|--ft-option"):
+            finetune_variants(ap.parse_args(bad))
+
+    cfg, _ = trained
+    _, pipe, _, _ = eval_setup(cfg.get_base_dir() / "config.yml", test_mode="test")
+    sid = pipe.datamanager.eval_scene_ids[0]
+    reported = []
+    row = compare_scene(pipe, sid, tmp_path / "scene", tmp_path / "runs", "s", [0.5], 1, tmp_path / "view",
+                        methods=("finetune",), variants=variants, on_row=lambda r: reported.append(sorted(r)))
+    assert [p["seconds"] for p in row["finetune_curve_plain"]][0] == 0.0 and len(row["finetune_curve_win"]) == 2
+    assert row["gaussians_win"]["start"] > 0 and "merged_start_win" in row
+    assert "budget-refine-stop" in row["finetune_error_bad"] and "finetune_curve_bad" not in row  # fails in its run
+    assert len(reported) == 2 and "finetune_curve_win" not in reported[0] and "finetune_curve_win" in reported[1]
+    assert len(list(tmp_path.glob("view_view*.png"))) == 1
+
+
 def test_infer_output_is_never_a_mix_and_errors_name_their_cause(trained, data_root, tmp_path, capsys):
     from evolsplat_ns.cli.infer import InferArgs, main
 

@@ -8,8 +8,10 @@
 #   bash scripts/gpu/real.sh splatfacto RUN [BUDGETS...]  # (b) splatfacto on the front camera's even frames
 #   STEPS="100 200" bash scripts/gpu/real.sh trace RUN...  # opacity / scale / colour / PSNR over the checkpoints
 #   bash scripts/gpu/real.sh curves RUN [BUDGETS...]     # issue 17: splatfacto and fine-tuning from ours side by side
-#   VARIANTS="default:;windows:--bake windows" bash scripts/gpu/real.sh variants RUN [BUDGETS...]
-#                                                         # fine-tuning variants one after the other, each alone
+#   SWEEP="--variant default --variant fast pipeline.model.refine_every=50 --variant win bake=windows" \
+#       bash scripts/gpu/real.sh variants RUN [BUDGETS...]  # fine-tuning variants one after the other, each alone on
+#                                                         # the GPU, in one process (the model is loaded and the scene
+#                                                         # exported once); the JSON is rewritten after each variant
 # Packing that fits 64 MiB a call with the wheels (session 10; tracked files ~9 MiB, .whl 33, .whl_real 13 MiB):
 #   here: P="python scripts/gpu/pack_pandaset.py pack data/pandaset/002"
 #         $P .gpu_data/p1 --downscale 2 --quality 85 --cameras front --no-lidar       # call 1: .whl .whl_real p1
@@ -76,17 +78,15 @@ for s,row in r.items(): print(s, round(row['evolsplat_ff']['psnr'],2), {k: (roun
     [(round(p['seconds']), p['steps'], round(p['psnr'],2)) for p in row.get('finetune_curve', [])])"
     grep -v -i warn "$RES/curves_finetune.log" | tail -3
     for m in splatfacto finetune; do cp /tmp/real_$m/real_splatfacto_*_view00.png "$RES/real_${m}_view00.png" 2>/dev/null; done ;;
-variants)  # ";"-separated "NAME:bench_real.py splatfacto options"; each alone on the GPU; one line per variant
+variants)  # SWEEP: bench_real.py --variant options (default: the default start and the windows start)
     run=$2; shift 2
-    IFS=';' read -ra VS <<< "${VARIANTS:-default:;windows:--bake windows}"
-    for v in "${VS[@]}"; do
-        name=${v%%:*}; opts=${v#*:}
-        python3 benchmarks/bench_real.py splatfacto --load-config "$RUNS/$run/evolsplat-ff/run/config.yml" \
-            --methods finetune --budgets ${@:-30 60} --images 1 --out /tmp/realv_$name $opts \
-            > "$RES/variant_$name.log" 2>&1
-        cp /tmp/realv_$name/bench_real_splatfacto.json "$RES/variant_$name.json" 2>/dev/null
-        python3 -c "import json; r=json.load(open('/tmp/realv_$name/bench_real_splatfacto.json'))['scenes']
-for s,row in r.items(): print('$name', s, row['merged_start'], [(round(p['seconds']), p['steps'], round(p['psnr'],2), round(p['ssim'],3)) for p in row['finetune_curve']])" \
-            | tee -a "$RES/variants.txt"
-    done ;;
+    python3 benchmarks/bench_real.py splatfacto --load-config "$RUNS/$run/evolsplat-ff/run/config.yml" \
+        --methods finetune --budgets ${@:-30 60} --images 1 --out /tmp/realv \
+        ${SWEEP:---variant default --variant windows bake=windows} > "$RES/variants.log" 2>&1
+    echo "variants exit $?"; cp /tmp/realv/bench_real_splatfacto.json "$RES/variants.json" 2>/dev/null
+    python3 -c "import json; r=json.load(open('/tmp/realv/bench_real_splatfacto.json'))['scenes']
+for s,row in r.items():
+    for k,c in row.items():
+        if k.startswith('finetune_curve'): print(k[15:] or 'default', s, [(round(p['seconds']), p['steps'], round(p['psnr'],2), round(p['ssim'],3)) for p in c])
+        if k.startswith('finetune_error'): print(k[15:], s, c)" | tee -a "$RES/variants.txt" ;;
 esac

@@ -107,8 +107,9 @@ def main() -> None:
                     sorted(events, key=lambda e: -e.self_device_time_total)[:15]] if cuda else [],
     )
     if cuda:
-        waits = device_waits(lambda: run(5))
-        report["sync_sources"] = [(where, n / 5) for where, n in waits.most_common()]
+        checked = 5
+        waits = device_waits(lambda: run(checked))
+        report["sync_sources"] = [(where, n / checked) for where, n in waits.most_common()]
         for where, count in report["sync_sources"]:
             print(f"{count:5.1f} per step  {where}")
     print(json.dumps({k: report[k] for k in ("gaussians", "wall_ms", "steps_per_s", "wall_ms_after_densification",

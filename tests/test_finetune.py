@@ -164,6 +164,7 @@ def test_training_psnr_is_torchmetrics_psnr():
     gt = (torch.rand(12, 20, 3, generator=g) * 255).to(torch.uint8)
     pred = torch.rand(12, 20, 3, generator=g)
     model = SimpleNamespace(training=True, config=EvolSplatFinetuneModelConfig(), num_points=17, device="cpu",
+                            _kept_target=None,
                             _get_downscale_factor=lambda: 1, _downscale_if_required=lambda im: im,
                             camera_optimizer=SimpleNamespace(get_metrics_dict=lambda d: None))
     model.get_gt_img = lambda im: SplatfactoModel.get_gt_img(model, im)

@@ -155,6 +155,8 @@ class EvolSplatFinetuneModel(SplatfactoModel):
             self.strategy = DenseStatsStrategy(**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)})
         self._train_sizes: Dict[int, Tuple[int, int]] = {}
         """(height, width) of each training camera (``cam_idx``) seen so far (``sync_free``)."""
+        self._kept_target: Optional[Tuple[tuple, torch.Tensor]] = None
+        """The last ground truth :meth:`_target_image` converted, with what it was converted from."""
 
     def follow_budget(self, fraction: float, step: int) -> None:
         """Where a wall-clock budget stands (:func:`evolsplat_ns.finetune.run.follow_budget`): from
@@ -200,7 +202,7 @@ class EvolSplatFinetuneModel(SplatfactoModel):
         step's background). nerfstudio's pipeline asks for the metrics, then the losses, of the same outputs and
         batch: the image is converted once for both (the last conversion is kept for exactly those objects)."""
         key = (batch["image"], outputs["background"], self._get_downscale_factor())
-        kept = getattr(self, "_kept_target", None)
+        kept = self._kept_target
         if kept is not None and kept[0][0] is key[0] and kept[0][1] is key[1] and kept[0][2] == key[2]:
             return kept[1]
         gt = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])

@@ -1,6 +1,8 @@
 """Feed-forward start, then per-scene optimisation (:mod:`evolsplat_ns.finetune`); the end-to-end run of
 ``evolsplat-ns-infer --finetune-seconds`` is in tests/test_pipeline.py (it needs a trained checkpoint)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -81,6 +83,36 @@ def test_finetune_options_are_set_by_name_and_a_typo_is_refused(tmp_path):
                 "optimizers.means"):
         with pytest.raises(ConfigError, match=bad.replace(".", r"\.")):
             apply_overrides(cfg, {bad: 1})
+
+
+def test_finetune_options_take_the_type_of_their_field(tmp_path):
+    """A sweep's values come as YAML (``--variant NAME FIELD=VALUE``), which reads ``1e-4`` as a string: a number
+    field still gets a number, a count stays a whole number, and a value of the wrong kind is refused by name
+    before the run instead of failing inside the optimizer (or running with a string)."""
+    from evolsplat_ns.errors import ConfigError
+    from evolsplat_ns.finetune.run import apply_overrides, finetune_config
+
+    cfg = finetune_config(tmp_path, tmp_path / "init.ply", tmp_path / "runs", "s", "cpu")
+    apply_overrides(cfg, {"optimizers.opacities.optimizer.lr": "1e-4", "pipeline.model.ssim_lambda": 0,
+                          "pipeline.model.warmup_length": 200.0, "pipeline.model.use_scale_regularization": True})
+    lr = cfg.optimizers["opacities"]["optimizer"].lr
+    assert lr == pytest.approx(1e-4) and type(lr) is float
+    assert type(cfg.pipeline.model.ssim_lambda) is float and cfg.pipeline.model.ssim_lambda == 0.0
+    assert type(cfg.pipeline.model.warmup_length) is int and cfg.pipeline.model.warmup_length == 200
+    assert cfg.pipeline.model.use_scale_regularization is True
+    @dataclasses.dataclass
+    class Knobs:
+        rate: float = 1  # a float field whose default is written as a whole number
+
+    knobs = Knobs()
+    apply_overrides(knobs, {"rate": 2.5})
+    assert knobs.rate == 2.5
+    for key, value, expected in (("optimizers.opacities.optimizer.lr", "fast", "a number"),
+                                 ("pipeline.model.warmup_length", 2.5, "a whole number"),
+                                 ("pipeline.model.warmup_length", True, "a number"),
+                                 ("pipeline.model.use_scale_regularization", "yes", "true or false")):
+        with pytest.raises(ConfigError, match=f"{key.replace('.', '[.]')}.*{expected}"):
+            apply_overrides(cfg, {key: value})
 
 
 def test_baking_several_viewpoints_averages_what_a_static_set_can_hold():

@@ -11,6 +11,7 @@ frame.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
@@ -175,7 +176,36 @@ def apply_overrides(cfg, overrides: Optional[Dict[str, object]]) -> None:
             obj = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
         if obj is None or isinstance(obj, dict) or not hasattr(obj, last):
             raise ConfigError(f"evolsplat-ft has no option '{key}'")
-        setattr(obj, last, value)
+        current = getattr(obj, last)
+        declared = {f.name: str(f.type) for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+        if "float" in declared.get(last, ""):  # a float field whose default is written as a whole number
+            current = float(current) if isinstance(current, int) and not isinstance(current, bool) else current
+        setattr(obj, last, _typed_like(current, value, key))
+
+
+def _typed_like(current, value, key: str):
+    """``value`` as the type of the field's ``current`` value: a number field takes a number, or a string that
+    reads as one (YAML reads ``1e-4`` as a string); a switch takes a boolean. Anything else is a ``ConfigError``
+    (a learning rate of ``"1e-4"`` would otherwise fail deep inside the optimizer, or not at all)."""
+    from evolsplat_ns.errors import ConfigError
+
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"evolsplat-ft option '{key}' expects true or false, got {value!r}")
+        return value
+    if isinstance(current, (int, float)):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f"evolsplat-ft option '{key}' expects a number, got {value!r}")
+        if isinstance(current, int) and not float(number).is_integer():
+            raise ConfigError(f"evolsplat-ft option '{key}' expects a whole number, got {value!r}")
+        return type(current)(number)
+    return value
 
 
 def finetune_scene(pipeline, scene_id: int, out: Path, seconds, feed_forward: Dict[str, float],

@@ -115,11 +115,27 @@ def _err(u, ref):
     return ((u.double() - ref).abs().max() / ref.abs().max()).item()
 
 
+def _l2(u, ref):
+    """Norm of the difference from the float64 reference, relative to the reference's norm."""
+    return ((u.double() - ref).norm() / ref.norm()).item()
+
+
+GRAD_L2 = 2e-2
+GRAD_MAX = 0.2
+"""Gradient bounds at a segment's size. The U-Net's gradients are ill-conditioned in float32: a ReLU whose input is
+near zero flips under another rounding, and training-mode batch norm spreads that over its channel. On the CPU, the
+pure-PyTorch twin's own gradients moved this much when its input was changed by 1e-6 relative (93 k voxels, four
+weight seeds; BENCHMARKS, session 12): input gradient up to 3.5e-2 of its largest value (norm 2.9e-3), weight
+gradients up to 2.8e-2 (norm 5.0e-3); in training mode the twin itself is 1.4e-2 to 2.4e-2 from float64 there. So a
+float32 path summing in another order cannot be held to float64 more tightly than that; the bounds are 4x the
+measured norm and ~6x the measured maximum, while a wrong neighbour table moves whole rows (order 1)."""
+
+
 @pytest.fixture(scope="module")
 def segment_size_runs():
-    """At ~100k voxels on the GPU: the float64 gather path and both float32 paths (values, input gradient, weight
-    gradients), in eval mode (batch norm with running statistics: each convolution linear) and in training mode
-    (the implicit GEMM twice, for determinism)."""
+    """At ~100k voxels on the GPU: the float64 gather path and the float32 paths (values, input gradient, weight
+    gradients), in eval mode (batch norm with running statistics: both float32 paths) and in training mode (the
+    implicit GEMM twice, for determinism)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     dev = torch.device("cuda")
@@ -140,7 +156,7 @@ def segment_size_runs():
         net.eval().zero_grad()
         out[f"eval_{impl}"] = _unet_run(net, f, c, cache)
     out["train64"] = _unet_run(ref_net.train(), f, c, KernelMapCache(), torch.float64)
-    for name, impl in (("train_gather", "gather"), ("train_igemm", "igemm"), ("train_igemm_again", "igemm")):
+    for name, impl in (("train_igemm", "igemm"), ("train_igemm_again", "igemm")):
         net = nets[impl]
         net.load_state_dict(ref_net.state_dict())  # same running statistics before each training-mode pass
         net.train().zero_grad()
@@ -150,35 +166,31 @@ def segment_size_runs():
 
 @pytest.mark.gpu
 def test_cuda_igemm_equals_gather_at_segment_size(segment_size_runs):
-    """The compiled kernels against the gather-scatter twin, both in float32 against the float64 gather path:
+    """The compiled kernels against the float64 gather path at a segment's size:
 
-    * eval mode: values within 1e-5 of their largest value, the input gradient within 1e-4 beyond the gather
-      path's error (on the H200: 3.3e-5, gather 1.1e-7; TF32 products would be ~1e-3);
-    * training mode: batch norm's backward over the small coarse levels amplifies float32 rounding, by an amount
-      that depends on the initial weights. On the H200 the implicit GEMM's input gradient was 1.4e-4, 5.7e-4 and
-      3.8e-3 from float64 in three runs with different weights, the gather path's 2e-7 to 3e-7 (each kernel alone
-      is within 1e-6 of float64 there; under Triton's CPU interpreter both paths are 2e-7; the cause on the GPU is
-      not known, BENCHMARKS session 12). So the bound is 1e-2 beyond the gather path's error: far below what a wrong
-      neighbour gives (order 1); TF32 products are caught by the eval-mode bound above;
+    * values (eval mode) within 1e-5 of their largest value, as the gather path's: TF32 products (~1e-3) or a wrong
+      neighbour fail here;
+    * the input gradient, in eval and in training mode, within :data:`GRAD_L2` in norm and :data:`GRAD_MAX` at
+      most (why not tighter: :data:`GRAD_L2`). On the H200 the largest differences were 3.3e-5 (eval) and 1.4e-4,
+      5.7e-4 and 3.8e-3 (training, three runs with other weights);
     * the implicit GEMM is deterministic: two backward passes give bitwise equal gradients.
     """
     r = segment_size_runs
-    (y64, g64, _), (ya, ga, _), (yb, gb, _) = r["eval64"], r["eval_gather"], r["eval_igemm"]
+    (y64, _, _), (ya, _, _), (yb, _, _) = r["eval64"], r["eval_gather"], r["eval_igemm"]
     assert _err(yb, y64) < 1e-5 and _err(ya, y64) < 1e-5, (_err(yb, y64), _err(ya, y64))
-    assert _err(gb, g64) <= 4 * _err(ga, g64) + 1e-4, (_err(gb, g64), _err(ga, g64))
-    (_, t64, _), (_, t32, _), (_, ti, _) = r["train64"], r["train_gather"], r["train_igemm"]
-    assert _err(ti, t64) <= 4 * _err(t32, t64) + 1e-2, (_err(ti, t64), _err(t32, t64))
+    for mode in ("eval", "train"):
+        ref, got = r[f"{mode}64"][1], r[f"{mode}_igemm"][1]
+        assert _l2(got, ref) <= GRAD_L2 and _err(got, ref) <= GRAD_MAX, (mode, _l2(got, ref), _err(got, ref))
     (_, g1, p1), (_, g2, p2) = r["train_igemm"], r["train_igemm_again"]
     assert torch.equal(g1, g2) and all(torch.equal(u, v) for u, v in zip(p1, p2))
 
 
 @pytest.mark.gpu
 def test_cuda_igemm_weight_gradients_at_segment_size(segment_size_runs):
-    """Every kernel's weight gradient within 5e-4 (eval mode) or 2e-3 (training mode) of its largest value beyond
-    the gather path's error. Measured on the H200 (the largest over the kernels): eval 1.2e-4 (gather 9e-7),
-    training 4.0e-4 (gather 5e-5), with the input gradients above arriving from the later layers. TF32 products
-    would be ~1e-3 in eval mode."""
+    """Every kernel's weight gradient, in eval and in training mode, within :data:`GRAD_L2` of float64 in norm and
+    :data:`GRAD_MAX` at most (on the H200 the largest differences were 1.2e-4 in eval and 4.0e-4 in training
+    mode)."""
     r = segment_size_runs
-    for mode, bound in (("eval", 5e-4), ("train", 2e-3)):
-        for u, v, ref in zip(r[f"{mode}_gather"][2], r[f"{mode}_igemm"][2], r[f"{mode}64"][2]):
-            assert _err(v, ref) <= 4 * _err(u, ref) + bound, (mode, _err(v, ref), _err(u, ref))
+    for mode in ("eval", "train"):
+        for i, (got, ref) in enumerate(zip(r[f"{mode}_igemm"][2], r[f"{mode}64"][2])):
+            assert _l2(got, ref) <= GRAD_L2 and _err(got, ref) <= GRAD_MAX, (mode, i, _l2(got, ref), _err(got, ref))

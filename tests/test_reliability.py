@@ -408,6 +408,49 @@ def test_resume_from_a_truncated_checkpoint_fails_before_any_long_work(run_a, sy
     assert ei.value.code == 2
 
 
+def test_a_run_kept_as_weights_evaluates_the_same_and_refuses_to_resume(run_a, synth, tmp_path, monkeypatch):
+    """scripts/gpu/keep_run.py carries a trained run between GPU sessions: the pipeline state in parts (each under
+    the machine's per-file limit), checked against its manifest when joined. The rebuilt run loads through
+    nerfstudio's eval_setup with the same weights and step; a part that was cut is refused before anything is
+    written; resuming training from it is refused by name before the data are indexed (nerfstudio would go on
+    with fresh optimizer state and say nothing)."""
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    import scripts.gpu.keep_run as keep_run
+
+    cfg_a, _ = run_a
+    monkeypatch.setattr(keep_run, "PART_BYTES", 1 << 16)  # several parts even for the small model
+    written = keep_run.pack(cfg_a.get_base_dir(), tmp_path / "kept")
+    parts = sorted(p for p in written if p.name.startswith("ckpt.part"))
+    newest = resolve_checkpoint(cfg_a.get_checkpoint_dir(), None, None)
+    assert len(parts) >= 2 and all(p.stat().st_size <= 1 << 16 for p in parts)
+    assert sum(p.stat().st_size for p in parts) < newest.stat().st_size  # no optimizer state
+
+    config = keep_run.unpack(tmp_path / "kept", output_dir=tmp_path / "restored")
+    assert config.is_file() and (tmp_path / "restored") in config.parents
+    _, pipe, ckpt, step = eval_setup(config, test_mode="test")
+    saved = torch.load(newest, map_location="cpu", weights_only=True)
+    assert step == saved["step"]
+    state = pipe.state_dict()
+    for k, v in saved["pipeline"].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(state[k].cpu(), v), k
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "kept", cut)
+    (cut / parts[-1].name).write_bytes(parts[-1].read_bytes()[:-10])
+    with pytest.raises(SystemExit, match="do not add up"):
+        keep_run.unpack(cut, output_dir=tmp_path / "cut_run")
+    assert not (tmp_path / "cut_run").exists()
+
+    cfg = _config(synth, tmp_path / "b")
+    cfg.load_dir = ckpt.parent
+    trainer = cfg.setup(local_rank=0, world_size=1)
+    monkeypatch.setattr(cfg.pipeline, "setup", lambda **kw: pytest.fail("data indexed before the checkpoint check"))
+    with pytest.raises(CheckpointError, match="optimizers.*weights only"):
+        trainer.setup()
+
+
 def test_ns_eval_with_truncated_foreign_or_mismatched_checkpoint(run_a, tmp_path, monkeypatch, capsys):
     from nerfstudio.scripts.eval import ComputePSNR
     from nerfstudio.utils.eval_utils import eval_setup

@@ -72,8 +72,11 @@ class EvolSplatTrainer(Trainer):
             # before the data are indexed and the model built: a bad checkpoint costs seconds, not minutes
             self._resume_path: Optional[Path] = resolve_checkpoint(
                 self.config.load_dir, self.config.load_step, self.config.load_checkpoint)
-            if self._resume_path is not None:
-                check_checkpoint(self._resume_path, mmap=True)
+            if self._resume_path is not None and not check_checkpoint(self._resume_path, mmap=True)["optimizers"]:
+                # nerfstudio would resume with fresh Adam state and say nothing
+                raise CheckpointError(self._resume_path, "optimizers", "the optimizer state of the run, to resume "
+                                      "training", "none (weights only, e.g. kept by scripts/gpu/keep_run.py): "
+                                      "evaluate or fine-tune from it, or train anew")
             super().setup(test_mode=test_mode)
 
     def train(self) -> None:

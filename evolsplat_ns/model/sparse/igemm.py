@@ -17,11 +17,10 @@ and nothing of size "number of pairs" is materialised. The backward pass is the 
 
 Products run at float32 precision (``input_precision="ieee"``, no TF32), and results agree with the gather-scatter
 path of :mod:`.ops` (the pure-PyTorch twin the tests compare with) to float32 rounding: each kernel alone is within
-1e-6 of float64 on the H200. Through the whole U-Net on the H200 the input gradient is further from float64 than the
-gather path's (3.3e-5 against 1.1e-7 in eval mode; 1e-4 to 4e-3 in training mode, where batch norm's backward
-amplifies it, depending on the weights), while under the CPU interpreter both are 2e-7. The cause on the GPU is not
-known (BENCHMARKS, session 12); the error stays far below what TF32 products give (~1e-3, the model's
-``tf32_matmul`` option) and far below what a wrong neighbour gives (order 1).
+1e-6 of float64 on the H200. Through a whole U-Net the gradients of any two float32 paths that sum in another order
+differ more (up to ~1e-2 of their largest value at 100 k voxels): the network is ill-conditioned there (a ReLU
+input near zero flips under another rounding; training-mode batch norm spreads it), as the twin itself shows when
+its input is changed by 1e-6 (``tests/test_igemm.py``, ``GRAD_L2``; BENCHMARKS, session 12).
 
 On CUDA the kernels are compiled by Triton. On the CPU they run only under Triton's interpreter (``TRITON_INTERPRET=1``
 set before triton is imported; the CPU test suite does so): correct but slow. The package's CPU default stays the

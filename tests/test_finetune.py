@@ -277,6 +277,26 @@ def _finetune_model(tmp_path, **options):
     return cfg.setup(scene_box=SceneBox(torch.tensor([[-1.0, -1, -1], [1, 1, 1]])), num_train_data=4, metadata={})
 
 
+def test_the_start_can_drop_its_faint_gaussians(tmp_path):
+    """``start_cull_alpha``: the starting Gaussians below that opacity are gone before the first step, the others
+    are kept as written; 0 keeps all; a value that would drop everything, or is not an opacity, is refused."""
+    from evolsplat_ns.errors import ConfigError
+
+    torch.manual_seed(7)
+    g = _gaussians(torch.randn(50, 3))  # what _finetune_model writes
+    alpha = torch.sigmoid(g["opacity_logit"])
+    assert 0 < int((alpha >= 0.5).sum()) < 50
+    torch.manual_seed(7)
+    kept = _finetune_model(tmp_path, start_cull_alpha=0.5)
+    assert kept.num_points == int((alpha >= 0.5).sum())
+    assert torch.allclose(kept.gauss_params["means"], g["means"][alpha >= 0.5])
+    assert torch.allclose(kept.gauss_params["opacities"][:, 0], g["opacity_logit"][alpha >= 0.5])
+    assert _finetune_model(tmp_path).num_points == 50
+    for bad, match in ((0.9999, "drops every Gaussian"), (1.0, r"in \[0, 1\)"), (-0.1, r"in \[0, 1\)")):
+        with pytest.raises(ConfigError, match=match):
+            _finetune_model(tmp_path, start_cull_alpha=bad)
+
+
 def test_sync_free_steps_compute_splatfacto_losses_and_statistics(tmp_path):
     """``sync_free`` (the default) changes how a step reaches its values, not the values: splatfacto's losses, gsplat's
     densification statistics (same strategy settings), and the image size of a training camera, read once."""

@@ -58,6 +58,11 @@ class EvolSplatFinetuneModelConfig(SplatfactoModelConfig):
     the densification statistics are accumulated with masks (:class:`DenseStatsStrategy`; gsplat's selects the
     visible Gaussians with ``torch.where``, which waits too). The values are the same; the host can queue the next
     step while the device runs this one (``benchmarks/profile_finetune_step.py`` lists what a step waits for)."""
+    start_cull_alpha: float = 0.0
+    """Drop the starting Gaussians whose opacity is below this before the first step (0: keep them all). splatfacto
+    culls below ``cull_alpha_thresh`` at its first refinement (step ``warmup_length``) anyway; the feed-forward
+    start of a real street holds many faint Gaussians, and until that step every one of them is rasterized (on
+    PandaSet 002: ~15 ms a step before the first cull, ~6 ms after it). A knob for the fine-tuning sweep."""
     budget_refine_stop: float = 0.5
     """On a wall-clock budget (``evolsplat-ns-infer --finetune-seconds`` with its default schedule 'budget'):
     densification (growing, pruning, opacity resets) stops after this fraction of the budget, as splatfacto stops
@@ -133,7 +138,17 @@ class EvolSplatFinetuneModel(SplatfactoModel):
         if not 0.0 <= self.config.budget_refine_stop <= 1.0:
             raise ConfigError(f"--pipeline.model.budget-refine-stop is a fraction of the budget in [0, 1], got "
                               f"{self.config.budget_refine_stop}")
+        if not 0.0 <= self.config.start_cull_alpha < 1.0:
+            raise ConfigError(f"--pipeline.model.start-cull-alpha is an opacity in [0, 1), got "
+                              f"{self.config.start_cull_alpha}")
         g = read_gaussian_ply(self.config.init_ply)  # before splatfacto's set-up: a bad file costs nothing
+        if self.config.start_cull_alpha > 0:
+            keep = torch.sigmoid(g["opacity_logit"].reshape(-1)) >= self.config.start_cull_alpha
+            if not bool(keep.any()):
+                raise ConfigError(f"--pipeline.model.start-cull-alpha {self.config.start_cull_alpha} drops every "
+                                  f"Gaussian of {self.config.init_ply} (largest opacity "
+                                  f"{float(torch.sigmoid(g['opacity_logit']).max()):.3f})")
+            g = {k: v[keep] for k, v in g.items()}
         num_random = self.config.num_random
         self.config.num_random = 8  # splatfacto's random start is built, then replaced: keep it tiny
         try:

@@ -2,6 +2,7 @@
 ``evolsplat-ns-infer --finetune-seconds`` is in tests/test_pipeline.py (it needs a trained checkpoint)."""
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -103,10 +104,13 @@ def test_finetune_options_take_the_type_of_their_field(tmp_path):
     @dataclasses.dataclass
     class Knobs:
         rate: float = 1  # a float field whose default is written as a whole number
+        cap: Optional[float] = None  # a float field without a default value
 
     knobs = Knobs()
-    apply_overrides(knobs, {"rate": 2.5})
-    assert knobs.rate == 2.5
+    apply_overrides(knobs, {"rate": 2.5, "cap": "1e-3"})
+    assert knobs.rate == 2.5 and knobs.cap == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match="'cap' expects a number"):
+        apply_overrides(knobs, {"cap": "none"})
     for key, value, expected in (("optimizers.opacities.optimizer.lr", "fast", "a number"),
                                  ("pipeline.model.warmup_length", 2.5, "a whole number"),
                                  ("pipeline.model.warmup_length", True, "a number"),

@@ -177,9 +177,11 @@ def apply_overrides(cfg, overrides: Optional[Dict[str, object]]) -> None:
         if obj is None or isinstance(obj, dict) or not hasattr(obj, last):
             raise ConfigError(f"evolsplat-ft has no option '{key}'")
         current = getattr(obj, last)
+        if value is None and current is None:
+            continue  # left unset
         declared = {f.name: str(f.type) for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
-        if "float" in declared.get(last, ""):  # a float field whose default is written as a whole number
-            current = float(current) if isinstance(current, int) and not isinstance(current, bool) else current
+        if "float" in declared.get(last, "") and (current is None or type(current) is int):
+            current = 0.0  # a float field whose default is None or a whole number: the value is read as a float
         setattr(obj, last, _typed_like(current, value, key))
 
 

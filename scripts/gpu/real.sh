@@ -9,7 +9,8 @@
 #   STEPS="100 200" bash scripts/gpu/real.sh trace RUN...  # opacity / scale / colour / PSNR over the checkpoints
 #   bash scripts/gpu/real.sh curves RUN [BUDGETS...]     # issue 17: splatfacto and fine-tuning from ours side by side
 #   bash scripts/gpu/real.sh keep RUN                     # the trained run's config + weights in <= 15-MiB parts
-#                                                         # ($OUT/keep_RUN/; here put them in .gpu_data/keep_RUN/)
+#                                                         # ($OUT/keep_RUN/; here put them in .gpu_data/keep_RUN/;
+#                                                         # "train" does this at its end unless KEEP=0)
 #   bash scripts/gpu/real.sh restore                      # a later session: every carried .gpu_data/keep_*/ back
 #                                                         # under /tmp/real_runs, instead of training again (~330 s)
 #   SWEEP="--variant default --variant fast pipeline.model.refine_every=50 --variant win bake=windows" \
@@ -49,7 +50,9 @@ train)
         --steps-per-eval-batch 100000 --steps-per-eval-image 100000 --steps-per-eval-all-images 1000000 \
         --viewer.quit-on-train-completion True "$@" > "$RES/train_$name.log" 2>&1
     echo "train $name: exit $? (124 = stopped at $secs s); checkpoints:"; ls $RUNS/$name/evolsplat-ff/run/nerfstudio_models | tail -3
-    grep -v -i "warn" "$RES/train_$name.log" | tail -4 ;;
+    grep -v -i "warn" "$RES/train_$name.log" | tail -4
+    # the model comes back with the call's files, for "restore" in a later session (KEEP=0: not)
+    [ "${KEEP:-1}" = 0 ] || python3 scripts/gpu/keep_run.py pack "$RUNS/$name/evolsplat-ff/run" "$RES/keep_$name" ;;
 keep)  # scripts/gpu/keep_run.py: pipeline state only (evaluation and fine-tuning load nothing else)
     python3 scripts/gpu/keep_run.py pack "$RUNS/$2/evolsplat-ff/run" "$RES/keep_$2" ${STEP:+--step $STEP} ;;
 restore)  # the config's own paths (/tmp/real_runs/RUN/evolsplat-ff/run): the commands below find it by RUN

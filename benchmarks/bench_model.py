@@ -219,6 +219,12 @@ def main():
         first_sorted = timed(lambda: (model.segments.clear_caches(), model.extract_shared(batch)),
                              max(iters // 2, 1), 1, device)
         kernel_map.DENSE_TABLE_CELLS = dense_cells
+        first_fused = None
+        if device.type == "cuda":  # the submanifold maps' neighbour look-up in one Triton kernel each
+            model.config.fused_kernel_maps = True
+            first_fused = timed(lambda: (model.segments.clear_caches(), model.extract_shared(batch)),
+                                max(iters // 2, 1), 1, device)
+            model.config.fused_kernel_maps = False
         model.segments.clear_caches()
     # B1 in inference (eval mode, the model option reuse_volume): a known segment reconstructed from other source
     # views each time (two source batches in turn), so only what depends on the sources is recomputed
@@ -236,6 +242,7 @@ def main():
     report["B1_reconstruction"] = {"stages_median_ms": b1_sum, "extract_shared_first_time": first,
                                    "extract_shared_cached": cached,
                                    "extract_shared_first_time_sorted_key_hash": first_sorted,
+                                   "extract_shared_first_time_fused_kernel_maps": first_fused,
                                    "inference_first_time": inf_first,
                                    "inference_known_segment_other_sources": inf_known,
                                    "inference_known_segment_stages_median_ms": {

@@ -105,6 +105,53 @@ def test_coord_index_lookup(dense_cells):
     assert torch.equal(idx.lookup_offsets(q, offs), idx.lookup(q[:, None, :] + offs[None]))
 
 
+@pytest.mark.skipif(not __import__("evolsplat_ns.model.sparse.igemm", fromlist=["x"]).interpreting(),
+                    reason="Triton not in interpreter mode (the GPU run has its own test)")
+def test_fused_neighbour_lookup_equals_the_pytorch_one():
+    """The one-kernel look-up (:mod:`evolsplat_ns.model.sparse.fused_maps`) gives the PyTorch path's neighbour table,
+    in a box with negative coordinates and two batch items, for queries whose neighbours fall outside the box, and
+    row counts that are not a multiple of its block; where it does not apply (a sorted-key index) the PyTorch path
+    runs."""
+    c = random_coords((9, 9, 9), 0.2, batch=2, seed=1)
+    c[:, 1] -= 3
+    offs = torch.cat([torch.zeros(27, 1, dtype=torch.long), kernel_offsets(3) - 1], 1)
+    idx = CoordIndex(c)
+    q = torch.cat([torch.randint(0, 2, (301, 1)), torch.randint(-8, 13, (301, 3))], 1)
+    for query in (c, q):
+        fused = idx.lookup_offsets(query, offs, fused=True)
+        assert fused.dtype == torch.int32 and torch.equal(fused.long(), idx.lookup_offsets(query, offs))
+    sorted_idx = CoordIndex(c, dense_cells=0)
+    assert torch.equal(sorted_idx.lookup_offsets(c, offs, fused=True), idx.lookup_offsets(c, offs))
+    km_f = KernelMapCache(fused_lookup=True).submanifold(c, 1)
+    km_t = KernelMapCache().submanifold(c, 1)
+    assert torch.equal(km_f.table, km_t.table)
+    pts = torch.rand(2000, 3, dtype=DT)  # the model's voxel grid hands the option to its cache (fused_kernel_maps)
+    grids = [voxelize(pts, pts.clone(), 0.1, fused_lookup=flag) for flag in (False, True)]
+    assert [v.kernel_maps.fused_lookup for v in grids] == [False, True]
+    net = SparseUNet().double()
+    torch.testing.assert_close(*(net(v.tensor(), cache=v.kernel_maps).feats for v in grids), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_fused_neighbour_lookup_cuda_equals_the_pytorch_one():
+    """On the GPU (compiled Triton): the fused submanifold maps of a ~100 k-voxel cloud equal the PyTorch ones at
+    every stride of the U-Net, and the U-Net's output with them is the same."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(0)
+    xyz = torch.unique((torch.randn(150_000, 3, generator=g) * torch.tensor([60.0, 8.0, 60.0])).long() + 200, dim=0)
+    c = torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1).cuda()
+    f = torch.randn(len(c), 3, generator=g).cuda()
+    net = SparseUNet(3, 16).cuda().eval()
+    caches = {flag: KernelMapCache(fused_lookup=flag) for flag in (False, True)}
+    with torch.no_grad():
+        out = {flag: net(SparseTensor(f, c), cache=cache).feats for flag, cache in caches.items()}
+    assert torch.equal(out[True], out[False])
+    for stride in caches[False].strides():
+        a, b = (caches[flag].submanifold(caches[flag].coords(stride), stride) for flag in (False, True))
+        assert torch.equal(a.table, b.table), stride
+
+
 # ---------------------------------------------------------------------------------------------------- conv ops
 @pytest.mark.parametrize("batch", [1, 2])
 def test_submanifold_conv_matches_dense(batch):

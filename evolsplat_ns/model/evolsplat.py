@@ -76,6 +76,10 @@ class EvolSplatModelConfig(ModelConfig):
     """How the project's own backend runs a convolution: 'igemm' = Triton implicit-GEMM kernels (CUDA), 'gather' =
     gather-matmul-scatter in pure PyTorch (any device), 'auto' = igemm on CUDA when Triton is importable, else
     gather. Same results up to float rounding."""
+    fused_kernel_maps: bool = False
+    """A segment's submanifold kernel maps (built on its first reconstruction) look their neighbours up in one Triton
+    kernel per map instead of ~40 PyTorch operations (same maps, tested; CUDA). Off until measured on the GPU
+    (``benchmarks/bench_model.py --fused-kernel-maps``)."""
     volume_sampling: Literal["sparse", "dense"] = "sparse"
     """Sample the feature volume straight from the sparse voxels, or densify it like the reference."""
     volume_aabb: Optional[Tuple[float, float, float, float, float, float]] = None
@@ -283,7 +287,8 @@ class EvolSplatModel(Model):
         box = self.config.volume_aabb
         with stage("voxelize"):
             vox = self.segments.cached("voxels", lambda: voxelize(
-                means0, seg["colours"], self.config.voxel_size, *((box[:3], box[3:]) if box is not None else ())))
+                means0, seg["colours"], self.config.voxel_size, *((box[:3], box[3:]) if box is not None else ()),
+                fused_lookup=self.config.fused_kernel_maps))
         idx, f3, new_offset = self._volume_features(seg, vox, mask, stage)
         if self.training:
             self.segments.update_offset(idx, new_offset.detach())

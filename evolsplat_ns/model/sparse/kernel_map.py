@@ -144,15 +144,23 @@ class CoordIndex:
         keys = self.ravel(torch.minimum(torch.maximum(query, self.lo), self.hi))
         return self._find(keys, valid)
 
-    def lookup_offsets(self, coords: Tensor, offsets: Tensor) -> Tensor:
+    def lookup_offsets(self, coords: Tensor, offsets: Tensor, fused: bool = False) -> Tensor:
         """``[N, K]`` indices of ``coords[n] + offsets[k]`` (offsets ``[K, D]``), -1 where absent.
 
         Uses the linearity of the raveling, key(c + d) = key(c) + key'(d), which holds whenever ``c + d`` lies in
         the box (``c`` itself need not); queries outside the box are masked per axis.
+
+        ``fused``: one Triton kernel instead of ~40 PyTorch operations (:mod:`.fused_maps`; int32 indices, same
+        values), where it applies: a dense-table index of ``(b, x, y, z)`` rows, on CUDA or under Triton's CPU
+        interpreter; elsewhere the PyTorch path runs. Off by default until it is measured on the GPU.
         """
+        from . import fused_maps
+
         coords = coords.long()
         offs = offsets.detach().long().cpu().tolist()  # give CPU offsets: reading device ones waits for the device
         offsets = host_to_device(offs, coords.device)
+        if fused and self.table is not None and self.dim == 4 and self.n > 0 and fused_maps.available(coords):
+            return fused_maps.lookup_offsets_dense(coords, offsets, self.lo, self.hi, self.strides, self.table)
         base = ((coords - self.lo) * self.strides).sum(-1)  # [N]
         valid = torch.ones((coords.shape[0], 1), dtype=torch.bool, device=coords.device)
         for d in range(self.dim):  # loop over the (<= 4) axes only
@@ -286,14 +294,16 @@ class KernelMap:
         return self._groups
 
 
-def build_submanifold_map(coords: Tensor, index: CoordIndex, kernel_size: int = 3, min_chunk: int = 256) -> KernelMap:
-    """Submanifold map (stride 1, output coordinates = input coordinates) of an odd kernel."""
+def build_submanifold_map(coords: Tensor, index: CoordIndex, kernel_size: int = 3, min_chunk: int = 256,
+                          fused: bool = False) -> KernelMap:
+    """Submanifold map (stride 1, output coordinates = input coordinates) of an odd kernel (``fused``: the
+    neighbour look-up in one Triton kernel where it applies, :meth:`CoordIndex.lookup_offsets`)."""
     if kernel_size % 2 != 1:
         raise ValueError("submanifold convolution needs an odd kernel size")
     n = int(coords.shape[0])
     offs = kernel_offsets(kernel_size) - (kernel_size - 1) // 2  # on the CPU: lookup_offsets reads them there
     offs4 = torch.cat([torch.zeros_like(offs[:, :1]), offs], dim=1)
-    table = index.lookup_offsets(coords, offs4)  # [N, K]: input row of output n at offset k
+    table = index.lookup_offsets(coords, offs4, fused=fused)  # [N, K]: input row of output n at offset k
     return KernelMap(table, n, identity_k=(kernel_size**3) // 2, min_chunk=min_chunk)
 
 

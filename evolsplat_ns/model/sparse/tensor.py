@@ -34,7 +34,9 @@ class KernelMapCache:
     reused.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fused_lookup: bool = False) -> None:
+        self.fused_lookup = fused_lookup
+        """Submanifold maps look their neighbours up in one Triton kernel (:mod:`.fused_maps`) where it applies."""
         self._coords: Dict[int, Tensor] = {}
         self._ranges: Dict[int, Optional[Tuple[int, int, int]]] = {}
         self._index: Dict[int, CoordIndex] = {}
@@ -97,7 +99,7 @@ class KernelMapCache:
         if km is not None:
             self.hits += 1
             return km
-        km = build_submanifold_map(coords, self.coord_index(stride), kernel_size)
+        km = build_submanifold_map(coords, self.coord_index(stride), kernel_size, fused=self.fused_lookup)
         self._maps[key] = km
         self.builds["subm"] += 1
         return km
@@ -297,10 +299,12 @@ class VoxelGrid:
 
 
 def voxelize(points: Tensor, feats: Optional[Tensor], voxel_size: float, aabb_min: Optional[ArrayLike3] = None,
-             aabb_max: Optional[ArrayLike3] = None) -> VoxelGrid:
+             aabb_max: Optional[ArrayLike3] = None, fused_lookup: bool = False) -> VoxelGrid:
     """Voxelise ``points [N, 3]`` with features ``feats [N, C]`` (mean per voxel) at ``voxel_size``.
 
     Without a box, ``aabb_min = points.min(0)`` and ``aabb_max = points.max(0) + voxel_size`` (every point kept).
+    ``fused_lookup``: the grid's kernel-map cache builds its submanifold maps with the fused look-up
+    (:class:`KernelMapCache`).
     """
     if aabb_min is None:
         aabb_min = points.detach().min(0).values
@@ -308,4 +312,4 @@ def voxelize(points: Tensor, feats: Optional[Tensor], voxel_size: float, aabb_mi
         aabb_max = points.detach().max(0).values + voxel_size
     coords, vfeats, p2v, shape = voxelize_points(points.detach(), voxel_size, aabb_min, aabb_max, feats)
     lo = torch.as_tensor(aabb_min, dtype=points.dtype, device=points.device).reshape(3).clone()
-    return VoxelGrid(coords, vfeats, p2v, float(voxel_size), lo, shape)
+    return VoxelGrid(coords, vfeats, p2v, float(voxel_size), lo, shape, KernelMapCache(fused_lookup=fused_lookup))

@@ -132,10 +132,31 @@ def test_fused_neighbour_lookup_equals_the_pytorch_one():
     torch.testing.assert_close(*(net(v.tensor(), cache=v.kernel_maps).feats for v in grids), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not __import__("evolsplat_ns.model.sparse.igemm", fromlist=["x"]).interpreting(),
+                    reason="Triton not in interpreter mode (the GPU run has its own test)")
+@pytest.mark.parametrize("batch,ranged,k", [(1, False, 3), (2, True, 3), (2, False, 2), (1, True, 3)])
+def test_fused_strided_map_equals_the_pytorch_one(batch, ranged, k):
+    """The three-kernel strided map (:func:`evolsplat_ns.model.sparse.fused_maps.downsample_dense`): the same output
+    coordinates (torchsparse's rule, sorted), the same neighbour table and the same coarse range as the PyTorch
+    path, with and without a spatial range, for two batch items, another kernel size, and inputs too few to
+    produce any output."""
+    c = random_coords((11, 9, 10), 0.25, batch=batch, seed=3)
+    rng = (12, 10, 11) if ranged else None
+    for coords in (c, c[:1] * 0):  # the second: one voxel at the origin of a 1-voxel box -> no output
+        km_t, out_t, r_t = build_downsample_map(coords, k, 2, rng)
+        km_f, out_f, r_f = build_downsample_map(coords, k, 2, rng, fused=True)
+        assert torch.equal(out_f, out_t) and r_f == r_t
+        assert km_f.table.dtype == torch.int32 and torch.equal(km_f.table, km_t.table)
+    assert len(build_downsample_map(c, k, 2, rng)[1]) > 0
+    caches = [KernelMapCache(fused_lookup=flag) for flag in (False, True)]
+    maps = [cache.downsample(c, 1, k, 2, rng) for cache in caches]
+    assert torch.equal(maps[0][0].table, maps[1][0].table) and torch.equal(maps[0][1], maps[1][1])
+
+
 @pytest.mark.gpu
 def test_fused_neighbour_lookup_cuda_equals_the_pytorch_one():
-    """On the GPU (compiled Triton): the fused submanifold maps of a ~100 k-voxel cloud equal the PyTorch ones at
-    every stride of the U-Net, and the U-Net's output with them is the same."""
+    """On the GPU (compiled Triton): the fused submanifold and strided maps of a ~100 k-voxel cloud equal the
+    PyTorch ones at every stride of the U-Net, and the U-Net's output with them is the same."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     g = torch.Generator().manual_seed(0)
@@ -147,9 +168,14 @@ def test_fused_neighbour_lookup_cuda_equals_the_pytorch_one():
     with torch.no_grad():
         out = {flag: net(SparseTensor(f, c), cache=cache).feats for flag, cache in caches.items()}
     assert torch.equal(out[True], out[False])
+    assert caches[False].strides() == caches[True].strides()
     for stride in caches[False].strides():
+        assert torch.equal(caches[False].coords(stride), caches[True].coords(stride)), stride
         a, b = (caches[flag].submanifold(caches[flag].coords(stride), stride) for flag in (False, True))
         assert torch.equal(a.table, b.table), stride
+        if stride < max(caches[False].strides()):
+            a, b = (caches[flag].downsample(caches[flag].coords(stride), stride)[0] for flag in (False, True))
+            assert torch.equal(a.table.int(), b.table), stride
 
 
 # ---------------------------------------------------------------------------------------------------- conv ops

@@ -47,6 +47,75 @@ if triton is not None:
             tl.store(out_ptr + r64 * K + k, row, mask=ok)
 
 
+    @triton.jit
+    def _coarse_key(c1, c2, c3, a: tl.constexpr, bb: tl.constexpr, cc: tl.constexpr, S: tl.constexpr,
+                    om0, om1, om2, st1, st2):
+        """The coarse cell that fine voxel ``(c1, c2, c3)`` feeds at kernel position ``(a, bb, cc)`` (it reads
+        ``S * o + (a, bb, cc)``), raveled without its batch term, and whether it exists (inside ``[0, omax]``)."""
+        n0 = c1 - a
+        n1 = c2 - bb
+        n2 = c3 - cc
+        o0 = tl.where(n0 >= 0, n0, 0) // S
+        o1 = tl.where(n1 >= 0, n1, 0) // S
+        o2 = tl.where(n2 >= 0, n2, 0) // S
+        ok = ((n0 >= 0) & (n0 - o0 * S == 0) & (o0 <= om0) & (n1 >= 0) & (n1 - o1 * S == 0) & (o1 <= om1)
+              & (n2 >= 0) & (n2 - o2 * S == 0) & (o2 <= om2))
+        return o0 * st1 + o1 * st2 + o2, ok
+
+    @triton.jit
+    def _down_flag_kernel(coords_ptr, flags_ptr, N, bmin, st0, st1, st2, om0, om1, om2,  # noqa: ANN001
+                          KS: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = rows < N
+        r64 = rows.to(tl.int64)
+        c0 = tl.load(coords_ptr + r64 * 4 + 0, mask=ok, other=0)
+        c1 = tl.load(coords_ptr + r64 * 4 + 1, mask=ok, other=0)
+        c2 = tl.load(coords_ptr + r64 * 4 + 2, mask=ok, other=0)
+        c3 = tl.load(coords_ptr + r64 * 4 + 3, mask=ok, other=0)
+        base = (c0 - bmin) * st0
+        for cc in tl.static_range(KS):
+            for bb in tl.static_range(KS):
+                for a in tl.static_range(KS):
+                    key, valid = _coarse_key(c1, c2, c3, a, bb, cc, S, om0, om1, om2, st1, st2)
+                    tl.store(flags_ptr + base + key, tl.full((BLOCK,), 1, tl.int32), mask=ok & valid)
+
+    @triton.jit
+    def _down_table_kernel(coords_ptr, rank_ptr, table_ptr, N, bmin, st0, st1, st2, om0, om1, om2,  # noqa: ANN001
+                           KS: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = rows < N
+        r64 = rows.to(tl.int64)
+        c0 = tl.load(coords_ptr + r64 * 4 + 0, mask=ok, other=0)
+        c1 = tl.load(coords_ptr + r64 * 4 + 1, mask=ok, other=0)
+        c2 = tl.load(coords_ptr + r64 * 4 + 2, mask=ok, other=0)
+        c3 = tl.load(coords_ptr + r64 * 4 + 3, mask=ok, other=0)
+        base = (c0 - bmin) * st0
+        for cc in tl.static_range(KS):
+            for bb in tl.static_range(KS):
+                for a in tl.static_range(KS):
+                    key, valid = _coarse_key(c1, c2, c3, a, bb, cc, S, om0, om1, om2, st1, st2)
+                    m = ok & valid
+                    out_row = tl.load(rank_ptr + tl.where(m, base + key, 0), mask=m, other=1).to(tl.int64) - 1
+                    tl.store(table_ptr + out_row * (KS * KS * KS) + (a + KS * bb + KS * KS * cc), rows, mask=m)
+
+    @triton.jit
+    def _unravel_kernel(keys_ptr, out_ptr, M, bmin, st0, st1, st2, BLOCK: tl.constexpr):  # noqa: ANN001
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = rows < M
+        r64 = rows.to(tl.int64)
+        key = tl.load(keys_ptr + r64, mask=ok, other=0)
+        b = key // st0
+        rem = key - b * st0
+        x = rem // st1
+        rem = rem - x * st1
+        y = rem // st2
+        z = rem - y * st2
+        tl.store(out_ptr + r64 * 4 + 0, b + bmin, mask=ok)
+        tl.store(out_ptr + r64 * 4 + 1, x, mask=ok)
+        tl.store(out_ptr + r64 * 4 + 2, y, mask=ok)
+        tl.store(out_ptr + r64 * 4 + 3, z, mask=ok)
+
+
 BLOCK = 256
 
 
@@ -76,3 +145,33 @@ def lookup_offsets_dense(coords: Tensor, offsets: Tensor, lo: Tensor, hi: Tensor
     _lookup_dense_kernel[(triton.cdiv(n, BLOCK),)](coords, offsets.long().contiguous(), lo, hi, strides, table, out, n,
                                                    K=kv, BLOCK=BLOCK)
     return out
+
+
+def downsample_dense(coords: Tensor, kernel_size: int, stride: int, bmin: int, omax, st, cells: int):
+    """The flag-table path of :func:`.kernel_map.build_downsample_map` in three Triton kernels (flag the coarse
+    cells, fill the neighbour table, unravel the output coordinates) around a ``cumsum`` and a ``nonzero_static``.
+
+    ``coords [N, 4]`` int64; ``bmin``, ``omax`` (the largest coarse index per axis; negative: no output), the
+    strides ``st`` of the coarse box's raveling (``(b, x, y, z)``, ``z`` fastest) and its cell count ``cells``, as
+    that function computes them. Returns the
+    ``[N_out, K]`` int32 table (input row per output and kernel position, -1 for none) and the output coordinates
+    ``[N_out, 4]`` sorted by ``(b, x, y, z)``. One host read: the number of outputs.
+    """
+    import torch
+
+    n, k = int(coords.shape[0]), int(kernel_size)
+    st0, st1, st2 = (int(v) for v in st[:3])
+    coords = coords.long().contiguous()
+    grid = (triton.cdiv(n, BLOCK),)
+    args = (n, int(bmin), st0, st1, st2, *[int(v) for v in omax])
+    flags = torch.zeros(cells, dtype=torch.int32, device=coords.device)
+    _down_flag_kernel[grid](coords, flags, *args, KS=k, S=int(stride), BLOCK=BLOCK)
+    rank = torch.cumsum(flags, 0, dtype=torch.int32)  # 1-based output row of each flagged cell
+    n_out = int(rank[-1]) if cells else 0  # the host read
+    table = torch.full((n_out, k ** 3), -1, dtype=torch.int32, device=coords.device)
+    _down_table_kernel[grid](coords, rank, table, *args, KS=k, S=int(stride), BLOCK=BLOCK)
+    keys = torch.nonzero_static(flags, size=n_out).squeeze(1)
+    out = torch.empty((n_out, 4), dtype=torch.long, device=coords.device)
+    if n_out:
+        _unravel_kernel[(triton.cdiv(n_out, BLOCK),)](keys, out, n_out, int(bmin), st0, st1, st2, BLOCK=BLOCK)
+    return table, out

@@ -313,12 +313,17 @@ def build_downsample_map(
     stride: int = 2,
     spatial_range: Optional[Sequence[int]] = None,
     min_chunk: int = 256,
+    fused: bool = False,
 ) -> Tuple[KernelMap, Tensor, Optional[Tuple[int, int, int]]]:
     """Strided map (padding 0) under torchsparse 2.1's output rule (module docstring).
 
     Returns the map (input rows = ``coords`` rows, output rows = the returned coarse coordinates), the coarse
     coordinates ``[N_out, 4]`` sorted by ``(b, x, y, z)``, and the coarse ``spatial_range`` (None if none given).
+    ``fused``: the flag-table case in three Triton kernels (:func:`.fused_maps.downsample_dense`; same map), where
+    it applies (CUDA, or the CPU interpreter); the PyTorch path below is its twin.
     """
+    from . import fused_maps
+
     coords = coords.long()
     device = coords.device
     n = int(coords.shape[0])
@@ -337,22 +342,25 @@ def build_downsample_map(
         bmin, bmax, *m = torch.cat([torch.stack([b.min(), b.max()]), p.max(0).values]).tolist()
         out_range = None
     omax = [(v - (k - 1)) // s for v in m]  # may be negative
-    d = torch.arange(k, device=device)
-    num = p[:, :, None] - d[None, None, :]  # [N, 3, k]: s*o = p - d
-    o = torch.div(num, s, rounding_mode="floor")
-    ok = (num - o * s == 0) & (o >= 0) & (o <= host_to_device(omax, device)[None, :, None])  # [N, 3, k]
     # coarse keys: ravel (b, ox, oy, oz) inside [bmin..bmax] x [0..omax]
     sizes = [bmax - bmin + 1] + [max(v + 1, 1) for v in omax]
     st = [sizes[1] * sizes[2] * sizes[3], sizes[2] * sizes[3], sizes[3], 1]
     if st[0] * sizes[0] >= _MAX_KEY:
         raise ValueError(f"coordinate box {sizes} too large to ravel into int64 keys")
+    cells = st[0] * sizes[0]
+    if fused and cells <= DENSE_TABLE_CELLS and fused_maps.available(coords):
+        table, out = fused_maps.downsample_dense(coords, k, s, bmin, omax, st, cells)
+        return KernelMap(table, n, min_chunk=min_chunk), out, out_range
+    d = torch.arange(k, device=device)
+    num = p[:, :, None] - d[None, None, :]  # [N, 3, k]: s*o = p - d
+    o = torch.div(num, s, rounding_mode="floor")
+    ok = (num - o * s == 0) & (o >= 0) & (o <= host_to_device(omax, device)[None, :, None])  # [N, 3, k]
     ox, oy, oz = o[:, 0], o[:, 1], o[:, 2]  # [N, k]
     key = ((b - bmin) * st[0])[:, None, None, None] + (oz * st[3])[:, :, None, None] \
         + (oy * st[2])[:, None, :, None] + (ox * st[1])[:, None, None, :]  # [N, c, b, a] -> w = a + k b + k^2 c
     valid = ok[:, 2][:, :, None, None] & ok[:, 1][:, None, :, None] & ok[:, 0][:, None, None, :]
     key = key.reshape(n, k**3)
     valid = valid.reshape(n, k**3)
-    cells = st[0] * sizes[0]
     if cells <= DENSE_TABLE_CELLS:  # the common case: a flag per coarse cell, no sort
         # outputs = the flagged cells in key order (= sorted by (b, x, y, z)); invalid pairs go to a scratch cell
         flags = torch.zeros(cells + 1, dtype=torch.int32, device=device)

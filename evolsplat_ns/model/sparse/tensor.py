@@ -36,7 +36,8 @@ class KernelMapCache:
 
     def __init__(self, fused_lookup: bool = False) -> None:
         self.fused_lookup = fused_lookup
-        """Submanifold maps look their neighbours up in one Triton kernel (:mod:`.fused_maps`) where it applies."""
+        """Kernel maps are built by the Triton kernels of :mod:`.fused_maps` where they apply (submanifold: one
+        look-up kernel; strided: three kernels)."""
         self._coords: Dict[int, Tensor] = {}
         self._ranges: Dict[int, Optional[Tuple[int, int, int]]] = {}
         self._index: Dict[int, CoordIndex] = {}
@@ -113,7 +114,8 @@ class KernelMapCache:
         if km is not None:
             self.hits += 1
             return km, self._coords[out_stride], self._ranges[out_stride]
-        km, out, out_range = build_downsample_map(coords, kernel_size, conv_stride, spatial_range)
+        km, out, out_range = build_downsample_map(coords, kernel_size, conv_stride, spatial_range,
+                                                  fused=self.fused_lookup)
         prev = self._coords.get(out_stride)
         if prev is not None and not (prev.shape == out.shape and torch.equal(prev, out)):
             raise ValueError(f"two strided convolutions produce different coordinates at stride {out_stride}; "

@@ -80,8 +80,8 @@ if triton is not None:
                     tl.store(flags_ptr + base + key, tl.full((BLOCK,), 1, tl.int32), mask=ok & valid)
 
     @triton.jit
-    def _down_table_kernel(coords_ptr, rank_ptr, table_ptr, N, bmin, st0, st1, st2, om0, om1, om2,  # noqa: ANN001
-                           KS: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
+    def _down_table_kernel(coords_ptr, rank_ptr, table_ptr, inv_ptr, N, bmin, st0, st1, st2, om0, om1,  # noqa: ANN001
+                           om2, KS: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = rows < N
         r64 = rows.to(tl.int64)
@@ -95,8 +95,10 @@ if triton is not None:
                 for a in tl.static_range(KS):
                     key, valid = _coarse_key(c1, c2, c3, a, bb, cc, S, om0, om1, om2, st1, st2)
                     m = ok & valid
-                    out_row = tl.load(rank_ptr + tl.where(m, base + key, 0), mask=m, other=1).to(tl.int64) - 1
-                    tl.store(table_ptr + out_row * (KS * KS * KS) + (a + KS * bb + KS * KS * cc), rows, mask=m)
+                    out_row = tl.load(rank_ptr + tl.where(m, base + key, 0), mask=m, other=0) - 1
+                    w = a + KS * bb + KS * KS * cc
+                    tl.store(table_ptr + out_row.to(tl.int64) * (KS * KS * KS) + w, rows, mask=m)
+                    tl.store(inv_ptr + r64 * (KS * KS * KS) + w, out_row, mask=ok)  # -1 where none
 
     @triton.jit
     def _unravel_kernel(keys_ptr, out_ptr, M, bmin, st0, st1, st2, BLOCK: tl.constexpr):  # noqa: ANN001
@@ -149,13 +151,16 @@ def lookup_offsets_dense(coords: Tensor, offsets: Tensor, lo: Tensor, hi: Tensor
 
 def downsample_dense(coords: Tensor, kernel_size: int, stride: int, bmin: int, omax, st, cells: int):
     """The flag-table path of :func:`.kernel_map.build_downsample_map` in three Triton kernels (flag the coarse
-    cells, fill the neighbour table, unravel the output coordinates) around a ``cumsum`` and a ``nonzero_static``.
+    cells, fill the neighbour table and its inverse, unravel the output coordinates) around a ``cumsum`` and a
+    ``nonzero_static``.
 
     ``coords [N, 4]`` int64; ``bmin``, ``omax`` (the largest coarse index per axis; negative: no output), the
     strides ``st`` of the coarse box's raveling (``(b, x, y, z)``, ``z`` fastest) and its cell count ``cells``, as
     that function computes them. Returns the
-    ``[N_out, K]`` int32 table (input row per output and kernel position, -1 for none) and the output coordinates
-    ``[N_out, 4]`` sorted by ``(b, x, y, z)``. One host read: the number of outputs.
+    ``[N_out, K]`` int32 table (input row per output and kernel position, -1 for none), its inverse ``[N, K]``
+    int32 (output row per input and kernel position: :meth:`.kernel_map.KernelMap.inverse`, which the implicit-GEMM
+    path needs, written in the same pass) and the output coordinates ``[N_out, 4]`` sorted by ``(b, x, y, z)``.
+    One host read: the number of outputs.
     """
     import torch
 
@@ -169,9 +174,10 @@ def downsample_dense(coords: Tensor, kernel_size: int, stride: int, bmin: int, o
     rank = torch.cumsum(flags, 0, dtype=torch.int32)  # 1-based output row of each flagged cell
     n_out = int(rank[-1]) if cells else 0  # the host read
     table = torch.full((n_out, k ** 3), -1, dtype=torch.int32, device=coords.device)
-    _down_table_kernel[grid](coords, rank, table, *args, KS=k, S=int(stride), BLOCK=BLOCK)
+    inverse = torch.empty((n, k ** 3), dtype=torch.int32, device=coords.device)
+    _down_table_kernel[grid](coords, rank, table, inverse, *args, KS=k, S=int(stride), BLOCK=BLOCK)
     keys = torch.nonzero_static(flags, size=n_out).squeeze(1)
     out = torch.empty((n_out, 4), dtype=torch.long, device=coords.device)
     if n_out:
         _unravel_kernel[(triton.cdiv(n_out, BLOCK),)](keys, out, n_out, int(bmin), st0, st1, st2, BLOCK=BLOCK)
-    return table, out
+    return table, inverse, out

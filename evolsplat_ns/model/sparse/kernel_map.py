@@ -187,13 +187,14 @@ class KernelMap:
       (``[n_in, K]``; a submanifold map is its own inverse with the columns reversed, so none is stored).
     """
 
-    def __init__(self, table: Tensor, n_in: int, identity_k: Optional[int] = None, min_chunk: int = 256):
+    def __init__(self, table: Tensor, n_in: int, identity_k: Optional[int] = None, min_chunk: int = 256,
+                 inverse: Optional[Tensor] = None):
         self.table = table.to(torch.int32).contiguous()
         self.n_in = int(n_in)
         self.identity_k = identity_k
         self.min_chunk = min_chunk
         self._groups: Optional[Tuple[Tensor, Tensor, Tensor]] = None
-        self._inverse: Optional[Tensor] = None
+        self._inverse: Optional[Tensor] = inverse  # given when the builder had it at hand (fused strided maps)
 
     @property
     def n_out(self) -> int:
@@ -349,8 +350,8 @@ def build_downsample_map(
         raise ValueError(f"coordinate box {sizes} too large to ravel into int64 keys")
     cells = st[0] * sizes[0]
     if fused and cells <= DENSE_TABLE_CELLS and fused_maps.available(coords):
-        table, out = fused_maps.downsample_dense(coords, k, s, bmin, omax, st, cells)
-        return KernelMap(table, n, min_chunk=min_chunk), out, out_range
+        table, inverse, out = fused_maps.downsample_dense(coords, k, s, bmin, omax, st, cells)
+        return KernelMap(table, n, min_chunk=min_chunk, inverse=inverse), out, out_range
     d = torch.arange(k, device=device)
     num = p[:, :, None] - d[None, None, :]  # [N, 3, k]: s*o = p - d
     o = torch.div(num, s, rounding_mode="floor")

@@ -1,13 +1,20 @@
-"""Kernel-map building in one Triton kernel per map, for a segment seen for the first time (issue 16, item 3).
+"""Kernel maps built by a few Triton kernels, for a segment seen for the first time (issue 16, item 3).
 
-:meth:`.kernel_map.CoordIndex.lookup_offsets` in PyTorch takes ~40 small operations per submanifold map (per-axis
-bounds, keys, the table gather), each a kernel launch with its host overhead, and writes several ``[N, K]`` int64
-intermediates. :func:`lookup_offsets_dense` does the same in one launch: each program takes ``BLOCK`` rows, loads
-their coordinates once and, for each of the ``K`` offsets, checks the box, ravels the key and reads the dense
-table, writing the ``[N, K]`` int32 neighbour table directly. Same answers as the PyTorch path (tested; that path is
-the twin, and stays the one for sorted-key indexes and for the CPU).
+In PyTorch (:mod:`.kernel_map`, the twin these are tested against) a submanifold map takes ~40 small operations
+(per-axis bounds, keys, the table gather) and a strided map ~60, each a kernel launch with its host overhead, and
+they write several ``[N, K]`` int64 intermediates. Here:
 
-On the CPU the kernel runs only under Triton's interpreter (``TRITON_INTERPRET=1``, as the test suite sets it).
+* :func:`lookup_offsets_dense` (submanifold maps): one launch; each program takes ``BLOCK`` rows, loads their
+  coordinates once and, for each of the ``K`` offsets, checks the box, ravels the key and reads the index's dense
+  table, writing the ``[N, K]`` int32 neighbour table directly;
+* :func:`downsample_dense` (strided maps, torchsparse's output rule): a kernel flags the coarse cells, a ``cumsum``
+  numbers them (the one host read: how many), a second kernel fills the neighbour table and its inverse, a third
+  unravels the output coordinates.
+
+Both apply to the dense-table case (boxes of at most :data:`.kernel_map.DENSE_TABLE_CELLS` cells, the common one);
+the sorted-key case stays in PyTorch. Selected by ``KernelMapCache(fused_lookup=True)`` (the model option
+``fused_kernel_maps``). On the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``, as the
+test suite sets it).
 """
 
 from __future__ import annotations

@@ -28,16 +28,20 @@ triton, tl = igemm.triton, igemm.tl
 if triton is not None:
 
     @triton.jit
+    def _load_rows(coords_ptr, r64, ok):
+        """The ``(b, x, y, z)`` columns of rows ``r64`` of an ``[N, 4]`` int64 tensor (0 where not ``ok``)."""
+        row = coords_ptr + r64 * 4
+        return (tl.load(row + 0, mask=ok, other=0), tl.load(row + 1, mask=ok, other=0),
+                tl.load(row + 2, mask=ok, other=0), tl.load(row + 3, mask=ok, other=0))
+
+    @triton.jit
     def _lookup_dense_kernel(coords_ptr, offs_ptr, lo_ptr, hi_ptr, strides_ptr, table_ptr, out_ptr, N,  # noqa: ANN001
                              K: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK + tl.arange(0, BLOCK)
         ok = rows < N
         r64 = rows.to(tl.int64)
-        c0 = tl.load(coords_ptr + r64 * 4 + 0, mask=ok, other=0)
-        c1 = tl.load(coords_ptr + r64 * 4 + 1, mask=ok, other=0)
-        c2 = tl.load(coords_ptr + r64 * 4 + 2, mask=ok, other=0)
-        c3 = tl.load(coords_ptr + r64 * 4 + 3, mask=ok, other=0)
+        c0, c1, c2, c3 = _load_rows(coords_ptr, r64, ok)
         lo0, lo1, lo2, lo3 = tl.load(lo_ptr + 0), tl.load(lo_ptr + 1), tl.load(lo_ptr + 2), tl.load(lo_ptr + 3)
         hi0, hi1, hi2, hi3 = tl.load(hi_ptr + 0), tl.load(hi_ptr + 1), tl.load(hi_ptr + 2), tl.load(hi_ptr + 3)
         s0, s1, s2, s3 = (tl.load(strides_ptr + 0), tl.load(strides_ptr + 1), tl.load(strides_ptr + 2),
@@ -70,42 +74,28 @@ if triton is not None:
         return o0 * st1 + o1 * st2 + o2, ok
 
     @triton.jit
-    def _down_flag_kernel(coords_ptr, flags_ptr, N, bmin, st0, st1, st2, om0, om1, om2,  # noqa: ANN001
-                          KS: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
+    def _down_kernel(coords_ptr, cells_ptr, table_ptr, inv_ptr, N, bmin, st0, st1, st2, om0, om1,  # noqa: ANN001
+                     om2, KS: tl.constexpr, S: tl.constexpr, FILL: tl.constexpr, BLOCK: tl.constexpr):
+        """Each fine voxel's coarse cells: FILL False sets their flags (``cells_ptr``: int32 per cell); FILL True
+        reads their 1-based numbers (``cells_ptr``: the flags' cumsum) and writes the neighbour table and its
+        inverse."""
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = rows < N
         r64 = rows.to(tl.int64)
-        c0 = tl.load(coords_ptr + r64 * 4 + 0, mask=ok, other=0)
-        c1 = tl.load(coords_ptr + r64 * 4 + 1, mask=ok, other=0)
-        c2 = tl.load(coords_ptr + r64 * 4 + 2, mask=ok, other=0)
-        c3 = tl.load(coords_ptr + r64 * 4 + 3, mask=ok, other=0)
-        base = (c0 - bmin) * st0
-        for cc in tl.static_range(KS):
-            for bb in tl.static_range(KS):
-                for a in tl.static_range(KS):
-                    key, valid = _coarse_key(c1, c2, c3, a, bb, cc, S, om0, om1, om2, st1, st2)
-                    tl.store(flags_ptr + base + key, tl.full((BLOCK,), 1, tl.int32), mask=ok & valid)
-
-    @triton.jit
-    def _down_table_kernel(coords_ptr, rank_ptr, table_ptr, inv_ptr, N, bmin, st0, st1, st2, om0, om1,  # noqa: ANN001
-                           om2, KS: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = rows < N
-        r64 = rows.to(tl.int64)
-        c0 = tl.load(coords_ptr + r64 * 4 + 0, mask=ok, other=0)
-        c1 = tl.load(coords_ptr + r64 * 4 + 1, mask=ok, other=0)
-        c2 = tl.load(coords_ptr + r64 * 4 + 2, mask=ok, other=0)
-        c3 = tl.load(coords_ptr + r64 * 4 + 3, mask=ok, other=0)
+        c0, c1, c2, c3 = _load_rows(coords_ptr, r64, ok)
         base = (c0 - bmin) * st0
         for cc in tl.static_range(KS):
             for bb in tl.static_range(KS):
                 for a in tl.static_range(KS):
                     key, valid = _coarse_key(c1, c2, c3, a, bb, cc, S, om0, om1, om2, st1, st2)
                     m = ok & valid
-                    out_row = tl.load(rank_ptr + tl.where(m, base + key, 0), mask=m, other=0) - 1
-                    w = a + KS * bb + KS * KS * cc
-                    tl.store(table_ptr + out_row.to(tl.int64) * (KS * KS * KS) + w, rows, mask=m)
-                    tl.store(inv_ptr + r64 * (KS * KS * KS) + w, out_row, mask=ok)  # -1 where none
+                    if FILL:
+                        out_row = tl.load(cells_ptr + tl.where(m, base + key, 0), mask=m, other=0) - 1
+                        w = a + KS * bb + KS * KS * cc
+                        tl.store(table_ptr + out_row.to(tl.int64) * (KS * KS * KS) + w, rows, mask=m)
+                        tl.store(inv_ptr + r64 * (KS * KS * KS) + w, out_row, mask=ok)  # -1 where none
+                    else:
+                        tl.store(cells_ptr + base + key, tl.full((BLOCK,), 1, tl.int32), mask=m)
 
     @triton.jit
     def _unravel_kernel(keys_ptr, out_ptr, M, bmin, st0, st1, st2, BLOCK: tl.constexpr):  # noqa: ANN001
@@ -177,12 +167,12 @@ def downsample_dense(coords: Tensor, kernel_size: int, stride: int, bmin: int, o
     grid = (triton.cdiv(n, BLOCK),)
     args = (n, int(bmin), st0, st1, st2, *[int(v) for v in omax])
     flags = torch.zeros(cells, dtype=torch.int32, device=coords.device)
-    _down_flag_kernel[grid](coords, flags, *args, KS=k, S=int(stride), BLOCK=BLOCK)
+    _down_kernel[grid](coords, flags, flags, flags, *args, KS=k, S=int(stride), FILL=False, BLOCK=BLOCK)
     rank = torch.cumsum(flags, 0, dtype=torch.int32)  # 1-based output row of each flagged cell
     n_out = int(rank[-1]) if cells else 0  # the host read
     table = torch.full((n_out, k ** 3), -1, dtype=torch.int32, device=coords.device)
     inverse = torch.empty((n, k ** 3), dtype=torch.int32, device=coords.device)
-    _down_table_kernel[grid](coords, rank, table, inverse, *args, KS=k, S=int(stride), BLOCK=BLOCK)
+    _down_kernel[grid](coords, rank, table, inverse, *args, KS=k, S=int(stride), FILL=True, BLOCK=BLOCK)
     keys = torch.nonzero_static(flags, size=n_out).squeeze(1)
     out = torch.empty((n_out, 4), dtype=torch.long, device=coords.device)
     if n_out:

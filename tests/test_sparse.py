@@ -148,10 +148,20 @@ def test_fused_strided_map_equals_the_pytorch_one(batch, ranged, k):
         assert torch.equal(out_f, out_t) and r_f == r_t
         assert km_f.table.dtype == torch.int32 and torch.equal(km_f.table, km_t.table)
         assert torch.equal(km_f.inverse(), km_t.inverse())  # the fused one was written with the table
+        if len(out_f):  # the output rows' index, built with the map: the answers of indexing the rows
+            fresh, given = CoordIndex(out_t), km_f.output_index
+            offs = torch.cat([torch.zeros(27, 1, dtype=torch.long), kernel_offsets(3) - 1], 1)
+            q = torch.cat([torch.randint(0, batch + 1, (200, 1)), torch.randint(-2, 8, (200, 3))], 1)
+            assert torch.equal(given.lookup(out_t), torch.arange(len(out_t)))
+            assert torch.equal(given.lookup(q), fresh.lookup(q))
+            assert torch.equal(given.lookup_offsets(out_t, offs), fresh.lookup_offsets(out_t, offs))
     assert len(build_downsample_map(c, k, 2, rng)[1]) > 0
     caches = [KernelMapCache(fused_lookup=flag) for flag in (False, True)]
     maps = [cache.downsample(c, 1, k, 2, rng) for cache in caches]
     assert torch.equal(maps[0][0].table, maps[1][0].table) and torch.equal(maps[0][1], maps[1][1])
+    assert caches[1].coord_index(2) is maps[1][0].output_index  # the next level's hash: no host read
+    sub = [cache.submanifold(m[1], 2, 3, m[2]) for cache, m in zip(caches, maps)]
+    assert torch.equal(sub[0].table, sub[1].table)
 
 
 @pytest.mark.gpu

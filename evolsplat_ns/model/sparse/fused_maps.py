@@ -9,7 +9,8 @@ they write several ``[N, K]`` int64 intermediates. Here:
   table, writing the ``[N, K]`` int32 neighbour table directly;
 * :func:`downsample_dense` (strided maps, torchsparse's output rule): a kernel flags the coarse cells, a ``cumsum``
   numbers them (the one host read: how many), a second kernel fills the neighbour table and its inverse, a third
-  unravels the output coordinates.
+  unravels the output coordinates. The numbering is also the coarse level's dense hash
+  (:meth:`.kernel_map.CoordIndex.from_dense_table`), so that level's index costs no host read of its extent.
 
 Both apply to the dense-table case (boxes of at most :data:`.kernel_map.DENSE_TABLE_CELLS` cells, the common one);
 the sorted-key case stays in PyTorch. Selected by ``KernelMapCache(fused_lookup=True)`` (the model option
@@ -156,8 +157,9 @@ def downsample_dense(coords: Tensor, kernel_size: int, stride: int, bmin: int, o
     that function computes them. Returns the
     ``[N_out, K]`` int32 table (input row per output and kernel position, -1 for none), its inverse ``[N, K]``
     int32 (output row per input and kernel position: :meth:`.kernel_map.KernelMap.inverse`, which the implicit-GEMM
-    path needs, written in the same pass) and the output coordinates ``[N_out, 4]`` sorted by ``(b, x, y, z)``.
-    One host read: the number of outputs.
+    path needs, written in the same pass), the output coordinates ``[N_out, 4]`` sorted by ``(b, x, y, z)``, and
+    ``[cells]`` int32: the output row of each coarse cell, -1 where none (a dense index of the output rows, so the
+    next level's hash costs no host read). One host read: the number of outputs.
     """
     import torch
 
@@ -177,4 +179,5 @@ def downsample_dense(coords: Tensor, kernel_size: int, stride: int, bmin: int, o
     out = torch.empty((n_out, 4), dtype=torch.long, device=coords.device)
     if n_out:
         _unravel_kernel[(triton.cdiv(n_out, BLOCK),)](keys, out, n_out, int(bmin), st0, st1, st2, BLOCK=BLOCK)
-    return table, inverse, out
+    cell_rows = torch.where(flags > 0, rank - 1, -1)  # the output rows' dense index (CoordIndex.from_dense_table)
+    return table, inverse, out, cell_rows

@@ -123,6 +123,22 @@ class CoordIndex:
         else:
             self.sorted_keys, self.perm = torch.sort(keys)
 
+    @classmethod
+    def from_dense_table(cls, n: int, lo: Sequence[int], hi: Sequence[int], strides: Sequence[int],
+                         table: Tensor) -> "CoordIndex":
+        """An index whose box (``lo``..``hi`` inclusive, raveled with ``strides``) and dense table (key -> row, -1
+        where empty) are known already: a fused strided map's output rows (:func:`build_downsample_map`), whose
+        coarse box and cell numbering it has at hand. Its box need not be tight; the answers are those of
+        ``CoordIndex(rows)``, without reading the rows' extent on the host."""
+        self = cls.__new__(cls)
+        self.n, self.dim, self.device = int(n), len(lo), table.device
+        self.lo, self.hi = host_to_device(list(lo), self.device), host_to_device(list(hi), self.device)
+        self.sizes = [int(b) - int(a) + 1 for a, b in zip(lo, hi)]
+        self.strides = host_to_device(list(strides), self.device)
+        self.num_cells = int(table.shape[0])
+        self.table = table
+        return self
+
     def ravel(self, coords: Tensor) -> Tensor:
         """Keys of rows known to lie inside the box (no check)."""
         return ((coords - self.lo) * self.strides).sum(-1)
@@ -195,6 +211,8 @@ class KernelMap:
         self.min_chunk = min_chunk
         self._groups: Optional[Tuple[Tensor, Tensor, Tensor]] = None
         self._inverse: Optional[Tensor] = inverse  # given when the builder had it at hand (fused strided maps)
+        self.output_index: Optional[CoordIndex] = None
+        """The index of the output rows, when the builder had it at hand (fused strided maps; else None)."""
 
     @property
     def n_out(self) -> int:
@@ -350,8 +368,11 @@ def build_downsample_map(
         raise ValueError(f"coordinate box {sizes} too large to ravel into int64 keys")
     cells = st[0] * sizes[0]
     if fused and cells <= DENSE_TABLE_CELLS and fused_maps.available(coords):
-        table, inverse, out = fused_maps.downsample_dense(coords, k, s, bmin, omax, st, cells)
-        return KernelMap(table, n, min_chunk=min_chunk, inverse=inverse), out, out_range
+        table, inverse, out, cell_rows = fused_maps.downsample_dense(coords, k, s, bmin, omax, st, cells)
+        km = KernelMap(table, n, min_chunk=min_chunk, inverse=inverse)
+        if out.shape[0]:  # then every omax >= 0: the coarse box is [bmin..bmax] x [0..omax]
+            km.output_index = CoordIndex.from_dense_table(out.shape[0], [bmin, 0, 0, 0], [bmax, *omax], st, cell_rows)
+        return km, out, out_range
     d = torch.arange(k, device=device)
     num = p[:, :, None] - d[None, None, :]  # [N, 3, k]: s*o = p - d
     o = torch.div(num, s, rounding_mode="floor")

@@ -123,6 +123,9 @@ class KernelMapCache:
         if prev is None:
             self._coords[out_stride] = out
             self._ranges[out_stride] = out_range
+            if km.output_index is not None and out_stride not in self._index:  # built with the map (fused path)
+                self._index[out_stride] = km.output_index
+                self.builds["index"] += 1
         self._maps[key] = km
         self.builds["down"] += 1
         return km, self._coords[out_stride], self._ranges[out_stride]

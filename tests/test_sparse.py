@@ -660,3 +660,26 @@ def test_kernel_maps_for_the_implicit_gemm_need_no_pair_lists(monkeypatch):
                 down.inverse()
                 s *= 2
     assert mode.count <= 4 + 4 + 3 * 2, mode.count  # listing the pairs would add one read per map (7)
+
+
+@pytest.mark.skipif(not __import__("evolsplat_ns.model.sparse.igemm", fromlist=["x"]).interpreting(),
+                    reason="Triton not in interpreter mode (the GPU run has its own test)")
+def test_fused_kernel_maps_read_the_device_less(monkeypatch):
+    """The fused maps (``KernelMapCache(fused_lookup=True)``) build the same U-Net maps as the test above with 3 host
+    reads fewer: the coarse levels' hashes come with their strided maps, so only the finest one reads its extent."""
+    c = random_coords((24, 24, 24), 0.15, 1, seed=11)
+    counts = {}
+    for fused in (False, True):
+        mode = _HostReads.counting_tolist(monkeypatch)
+        cache = KernelMapCache(fused_lookup=fused)
+        with torch.no_grad(), mode:
+            coords, s = c, 1
+            for level in range(4):
+                cache.submanifold(coords, s)
+                if level < 3:
+                    down, coords, _ = cache.downsample(coords, s)
+                    down.inverse()
+                    s *= 2
+        counts[fused] = mode.count
+        monkeypatch.undo()
+    assert counts[True] <= 1 + 4 + 3 * 2 and counts[True] == counts[False] - 3, counts

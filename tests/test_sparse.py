@@ -650,16 +650,21 @@ def test_kernel_maps_for_the_implicit_gemm_need_no_pair_lists(monkeypatch):
     here, against 21 when the gather path lists the pairs too (test above)."""
     c = random_coords((24, 24, 24), 0.15, 1, seed=11)
     mode = _HostReads.counting_tolist(monkeypatch)
-    cache = KernelMapCache()
     with torch.no_grad(), mode:
-        coords, s = c, 1
-        for level in range(4):
-            cache.submanifold(coords, s)
-            if level < 3:
-                down, coords, _ = cache.downsample(coords, s)
-                down.inverse()
-                s *= 2
+        _implicit_gemm_maps(KernelMapCache(), c)
     assert mode.count <= 4 + 4 + 3 * 2, mode.count  # listing the pairs would add one read per map (7)
+
+
+def _implicit_gemm_maps(cache: KernelMapCache, coords) -> None:
+    """What the implicit-GEMM U-Net builds on its first forward: the submanifold map of each of its 4 levels, the 3
+    strided maps between them and their inverse tables."""
+    s = 1
+    for level in range(4):
+        cache.submanifold(coords, s)
+        if level < 3:
+            down, coords, _ = cache.downsample(coords, s)
+            down.inverse()
+            s *= 2
 
 
 @pytest.mark.skipif(not __import__("evolsplat_ns.model.sparse.igemm", fromlist=["x"]).interpreting(),
@@ -671,15 +676,8 @@ def test_fused_kernel_maps_read_the_device_less(monkeypatch):
     counts = {}
     for fused in (False, True):
         mode = _HostReads.counting_tolist(monkeypatch)
-        cache = KernelMapCache(fused_lookup=fused)
         with torch.no_grad(), mode:
-            coords, s = c, 1
-            for level in range(4):
-                cache.submanifold(coords, s)
-                if level < 3:
-                    down, coords, _ = cache.downsample(coords, s)
-                    down.inverse()
-                    s *= 2
+            _implicit_gemm_maps(KernelMapCache(fused_lookup=fused), c)
         counts[fused] = mode.count
         monkeypatch.undo()
     assert counts[True] <= 1 + 4 + 3 * 2 and counts[True] == counts[False] - 3, counts

@@ -129,7 +129,10 @@ def test_fused_neighbour_lookup_equals_the_pytorch_one():
     grids = [voxelize(pts, pts.clone(), 0.1, fused_lookup=flag) for flag in (False, True)]
     assert [v.kernel_maps.fused_lookup for v in grids] == [False, True]
     net = SparseUNet().double()
-    torch.testing.assert_close(*(net(v.tensor(), cache=v.kernel_maps).feats for v in grids), rtol=0, atol=0)
+    vols = [net(v.tensor(), cache=v.kernel_maps) for v in grids]
+    torch.testing.assert_close(vols[0].feats, vols[1].feats, rtol=0, atol=0)
+    probe = torch.cat([pts[:500] + 0.03, torch.rand(50, 3, dtype=DT) * 3 - 1])  # some outside the grid
+    torch.testing.assert_close(*(sample_volume(vol, v, probe) for vol, v in zip(vols, grids)), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not __import__("evolsplat_ns.model.sparse.igemm", fromlist=["x"]).interpreting(),
@@ -167,7 +170,8 @@ def test_fused_strided_map_equals_the_pytorch_one(batch, ranged, k):
 @pytest.mark.gpu
 def test_fused_neighbour_lookup_cuda_equals_the_pytorch_one():
     """On the GPU (compiled Triton): the fused submanifold and strided maps of a ~100 k-voxel cloud equal the
-    PyTorch ones at every stride of the U-Net, and the U-Net's output with them is the same."""
+    PyTorch ones at every stride of the U-Net, the U-Net's output with them is the same, and so are the volume's
+    samples with the fused corner look-up."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     g = torch.Generator().manual_seed(0)
@@ -179,6 +183,10 @@ def test_fused_neighbour_lookup_cuda_equals_the_pytorch_one():
     with torch.no_grad():
         out = {flag: net(SparseTensor(f, c), cache=cache).feats for flag, cache in caches.items()}
     assert torch.equal(out[True], out[False])
+    probe = c[:, 1:].float() + torch.rand(len(c), 3, device="cuda")  # in and between the voxels (voxel size 1)
+    corners = {flag: sample_sparse_volume(out[False], c, probe, 1.0, [0.0, 0.0, 0.0], index=cache.coord_index(1),
+                                          fused_lookup=flag) for flag, cache in caches.items()}
+    assert torch.equal(corners[True], corners[False])
     assert caches[False].strides() == caches[True].strides()
     for stride in caches[False].strides():
         assert torch.equal(caches[False].coords(stride), caches[True].coords(stride)), stride

@@ -77,9 +77,10 @@ class EvolSplatModelConfig(ModelConfig):
     gather-matmul-scatter in pure PyTorch (any device), 'auto' = igemm on CUDA when Triton is importable, else
     gather. Same results up to float rounding."""
     fused_kernel_maps: bool = False
-    """A segment's submanifold kernel maps (built on its first reconstruction) look their neighbours up in one Triton
-    kernel per map instead of ~40 PyTorch operations (same maps, tested; CUDA). Off until measured on the GPU
-    (``benchmarks/bench_model.py --fused-kernel-maps``)."""
+    """A segment's kernel maps (built on its first reconstruction) come from a few Triton kernels instead of ~40-60
+    PyTorch operations per map, and the volume's trilinear corners are looked up in one kernel (every
+    reconstruction). Same maps and samples (tested; CUDA). Off until measured on the GPU (``bench_model.py`` B1
+    reports both)."""
     volume_sampling: Literal["sparse", "dense"] = "sparse"
     """Sample the feature volume straight from the sparse voxels, or densify it like the reference."""
     volume_aabb: Optional[Tuple[float, float, float, float, float, float]] = None

@@ -64,7 +64,8 @@ def densify(feats: Tensor, coords: Tensor, grid_shape: Sequence[int]) -> Tensor:
 
 def sample_sparse_volume(feats: Tensor, coords: Tensor, points: Tensor, voxel_size: float, aabb_min,
                          grid_shape: Optional[Sequence[int]] = None, mode: str = "sparse",
-                         index: Optional[CoordIndex] = None, convention: str = "exact", batch: int = 0) -> Tensor:
+                         index: Optional[CoordIndex] = None, convention: str = "exact", batch: int = 0,
+                         fused_lookup: bool = False) -> Tensor:
     """Trilinear features ``[M, C]`` at world ``points [M, 3]`` of the voxels ``feats [N, C]`` at ``coords``.
 
     ``coords`` is ``[N, 3]`` (x, y, z) or ``[N, 4]`` (b, x, y, z; then voxels of batch item ``batch`` are used).
@@ -72,6 +73,8 @@ def sample_sparse_volume(feats: Tensor, coords: Tensor, points: Tensor, voxel_si
     of a segment never change). ``grid_shape`` (voxels per axis) is needed by ``mode="dense"`` and by
     ``convention="reference"``. Voxels are expected inside ``[0, grid_shape)`` (the voxeliser guarantees it; the
     dense mode rejects others, the sparse mode uses them as they are). Non-finite points get zeros (sparse mode).
+    ``fused_lookup``: the 8 corners are looked up in one Triton kernel where it applies
+    (:meth:`CoordIndex.lookup_offsets`; same rows).
     """
     if points.dim() != 2 or points.shape[1] != 3:
         raise ValueError(f"points must be [M, 3], got {tuple(points.shape)}")
@@ -91,7 +94,7 @@ def sample_sparse_volume(feats: Tensor, coords: Tensor, points: Tensor, voxel_si
     if coords.shape[1] == 4:
         base = torch.cat([torch.full_like(base[:, :1], batch), base], dim=1)
         bits = torch.cat([torch.zeros_like(bits[:, :1]), bits], dim=1)
-    idx = index.lookup_offsets(base, bits)  # [M, 8]
+    idx = index.lookup_offsets(base, bits, fused=fused_lookup).long()  # [M, 8]
     present = (idx >= 0) & finite[:, None]
     if feats.shape[0] == 0:
         return feats.new_zeros((points.shape[0], feats.shape[1]))
@@ -128,8 +131,9 @@ def _sample_dense(feats, coords, points, voxel_size, aabb_min, grid_shape, conve
 
 def sample_volume(volume: Union[SparseTensor, Tensor], vox: VoxelGrid, points: Tensor, mode: str = "sparse",
                   convention: str = "exact") -> Tensor:
-    """Features ``[M, C]`` at world ``points`` of an encoder output over the voxel grid ``vox``."""
+    """Features ``[M, C]`` at world ``points`` of an encoder output over the voxel grid ``vox`` (its kernel-map
+    cache's ``fused_lookup`` also selects the fused corner look-up)."""
     feats = volume.feats if isinstance(volume, SparseTensor) else volume
     index = vox.index() if mode == "sparse" else None
     return sample_sparse_volume(feats, vox.coords, points, vox.voxel_size, vox.aabb_min, vox.grid_shape, mode=mode,
-                                index=index, convention=convention)
+                                index=index, convention=convention, fused_lookup=vox.kernel_maps.fused_lookup)

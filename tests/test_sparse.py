@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from evolsplat_ns.model.sparse import igemm
 from evolsplat_ns.model.sparse import (
     CoordIndex,
     KernelMapCache,
@@ -32,6 +33,8 @@ from evolsplat_ns.model.sparse import (
 )
 
 DT = torch.float64
+cpu_interpreter = pytest.mark.skipif(not igemm.interpreting(),
+                                     reason="Triton not in interpreter mode (the GPU run has its own test)")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -105,8 +108,7 @@ def test_coord_index_lookup(dense_cells):
     assert torch.equal(idx.lookup_offsets(q, offs), idx.lookup(q[:, None, :] + offs[None]))
 
 
-@pytest.mark.skipif(not __import__("evolsplat_ns.model.sparse.igemm", fromlist=["x"]).interpreting(),
-                    reason="Triton not in interpreter mode (the GPU run has its own test)")
+@cpu_interpreter
 def test_fused_neighbour_lookup_equals_the_pytorch_one():
     """The one-kernel look-up (:mod:`evolsplat_ns.model.sparse.fused_maps`) gives the PyTorch path's neighbour table,
     in a box with negative coordinates and two batch items, for queries whose neighbours fall outside the box, and
@@ -135,8 +137,7 @@ def test_fused_neighbour_lookup_equals_the_pytorch_one():
     torch.testing.assert_close(*(sample_volume(vol, v, probe) for vol, v in zip(vols, grids)), rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not __import__("evolsplat_ns.model.sparse.igemm", fromlist=["x"]).interpreting(),
-                    reason="Triton not in interpreter mode (the GPU run has its own test)")
+@cpu_interpreter
 @pytest.mark.parametrize("batch,ranged,k", [(1, False, 3), (2, True, 3), (2, False, 2), (1, True, 3)])
 def test_fused_strided_map_equals_the_pytorch_one(batch, ranged, k):
     """The three-kernel strided map (:func:`evolsplat_ns.model.sparse.fused_maps.downsample_dense`): the same output
@@ -675,8 +676,7 @@ def _implicit_gemm_maps(cache: KernelMapCache, coords) -> None:
             s *= 2
 
 
-@pytest.mark.skipif(not __import__("evolsplat_ns.model.sparse.igemm", fromlist=["x"]).interpreting(),
-                    reason="Triton not in interpreter mode (the GPU run has its own test)")
+@cpu_interpreter
 def test_fused_kernel_maps_read_the_device_less(monkeypatch):
     """The fused maps (``KernelMapCache(fused_lookup=True)``) build the same U-Net maps as the test above with 3 host
     reads fewer: the coarse levels' hashes come with their strided maps, so only the finest one reads its extent."""

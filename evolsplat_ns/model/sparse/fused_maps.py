@@ -120,7 +120,7 @@ BLOCK = 256
 
 
 def available(coords: Tensor) -> bool:
-    """Whether :func:`lookup_offsets_dense` can run on ``coords``' device (CUDA, or the CPU interpreter)."""
+    """Whether the kernels here can run on ``coords``' device (CUDA, or the CPU interpreter)."""
     return triton is not None and (coords.is_cuda or igemm.interpreting())
 
 

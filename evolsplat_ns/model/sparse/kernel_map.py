@@ -36,6 +36,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import fused_maps
+
 _MAX_KEY = 1 << 62
 DENSE_TABLE_CELLS = 1 << 26
 """Boxes of at most this many cells are indexed by a dense ``int32`` table (<= 256 MiB): a lookup is one gather
@@ -170,8 +172,6 @@ class CoordIndex:
         values), where it applies: a dense-table index of ``(b, x, y, z)`` rows, on CUDA or under Triton's CPU
         interpreter; elsewhere the PyTorch path runs. Off by default until it is measured on the GPU.
         """
-        from . import fused_maps
-
         coords = coords.long()
         offs = offsets.detach().long().cpu().tolist()  # give CPU offsets: reading device ones waits for the device
         offsets = host_to_device(offs, coords.device)
@@ -341,8 +341,6 @@ def build_downsample_map(
     ``fused``: the flag-table case in three Triton kernels (:func:`.fused_maps.downsample_dense`; same map), where
     it applies (CUDA, or the CPU interpreter); the PyTorch path below is its twin.
     """
-    from . import fused_maps
-
     coords = coords.long()
     device = coords.device
     n = int(coords.shape[0])

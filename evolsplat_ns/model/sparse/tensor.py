@@ -37,7 +37,8 @@ class KernelMapCache:
     def __init__(self, fused_lookup: bool = False) -> None:
         self.fused_lookup = fused_lookup
         """Kernel maps are built by the Triton kernels of :mod:`.fused_maps` where they apply (submanifold: one
-        look-up kernel; strided: three kernels)."""
+        look-up kernel; strided: three kernels), and :func:`.sampling.sample_volume` looks the volume's corners up
+        with the same look-up kernel."""
         self._coords: Dict[int, Tensor] = {}
         self._ranges: Dict[int, Optional[Tuple[int, int, int]]] = {}
         self._index: Dict[int, CoordIndex] = {}
@@ -308,8 +309,8 @@ def voxelize(points: Tensor, feats: Optional[Tensor], voxel_size: float, aabb_mi
     """Voxelise ``points [N, 3]`` with features ``feats [N, C]`` (mean per voxel) at ``voxel_size``.
 
     Without a box, ``aabb_min = points.min(0)`` and ``aabb_max = points.max(0) + voxel_size`` (every point kept).
-    ``fused_lookup``: the grid's kernel-map cache builds its submanifold maps with the fused look-up
-    (:class:`KernelMapCache`).
+    ``fused_lookup``: the grid's kernel-map cache builds its maps, and the volume is sampled, with the fused
+    kernels (:class:`KernelMapCache`).
     """
     if aabb_min is None:
         aabb_min = points.detach().min(0).values

@@ -219,13 +219,13 @@ def main():
         first_sorted = timed(lambda: (model.segments.clear_caches(), model.extract_shared(batch)),
                              max(iters // 2, 1), 1, device)
         kernel_map.DENSE_TABLE_CELLS = dense_cells
-        first_fused = cached_fused = None
-        if device.type == "cuda":  # kernel maps and the volume's corner look-up in a few Triton kernels
-            model.config.fused_kernel_maps = True
-            first_fused = timed(lambda: (model.segments.clear_caches(), model.extract_shared(batch)),
-                                max(iters // 2, 1), 1, device)
-            cached_fused = timed(lambda: model.extract_shared(batch), iters, warm, device)
+        first_pt = cached_pt = None
+        if device.type == "cuda" and model.config.fused_kernel_maps:  # the PyTorch twin of the fused kernel maps
             model.config.fused_kernel_maps = False
+            first_pt = timed(lambda: (model.segments.clear_caches(), model.extract_shared(batch)),
+                             max(iters // 2, 1), 1, device)
+            cached_pt = timed(lambda: model.extract_shared(batch), iters, warm, device)
+            model.config.fused_kernel_maps = True
         model.segments.clear_caches()
     # B1 in inference (eval mode, the model option reuse_volume): a known segment reconstructed from other source
     # views each time (two source batches in turn), so only what depends on the sources is recomputed
@@ -243,8 +243,8 @@ def main():
     report["B1_reconstruction"] = {"stages_median_ms": b1_sum, "extract_shared_first_time": first,
                                    "extract_shared_cached": cached,
                                    "extract_shared_first_time_sorted_key_hash": first_sorted,
-                                   "extract_shared_first_time_fused_kernel_maps": first_fused,
-                                   "extract_shared_cached_fused_kernel_maps": cached_fused,
+                                   "extract_shared_first_time_pytorch_kernel_maps": first_pt,
+                                   "extract_shared_cached_pytorch_kernel_maps": cached_pt,
                                    "inference_first_time": inf_first,
                                    "inference_known_segment_other_sources": inf_known,
                                    "inference_known_segment_stages_median_ms": {

@@ -187,10 +187,48 @@ def test_cuda_igemm_equals_gather_at_segment_size(segment_size_runs):
 
 @pytest.mark.gpu
 def test_cuda_igemm_weight_gradients_at_segment_size(segment_size_runs):
-    """Every kernel's weight gradient, in eval and in training mode, within :data:`GRAD_L2` of float64 in norm and
-    :data:`GRAD_MAX` at most (on the H200 the largest differences were 1.2e-4 in eval and 4.0e-4 in training
-    mode)."""
+    """Every kernel's weight gradient through the whole U-Net in eval mode, within :data:`GRAD_L2` of float64 in norm
+    and :data:`GRAD_MAX` at most (the H200: 1.2e-4 at most).
+
+    Not in training mode: there batch norm normalises with the batch's own statistics, and a pre-activation near zero
+    that rounds to the other side of a ReLU moves its channel's statistics, so the whole network's parameter
+    gradients depend chaotically on float32 rounding. On the H200 (session 13) the implicit GEMM's were 6.2e-2 from
+    float64 in norm for the first layer's kernel and 0.31 for a 16-channel parameter deeper in; the CPU twin is
+    1.4e-2 to 2.4e-2 from float64 there (session 12). No bound separates that from a bug, so training mode is covered
+    by the kernel's own gradients layer by layer at this size (below), the whole U-Net in training mode against the
+    gather path under the CPU interpreter (``test_unet_igemm_equals_gather_values_and_gradients``) and the input
+    gradient and determinism above."""
     r = segment_size_runs
-    for mode in ("eval", "train"):
-        for i, (got, ref) in enumerate(zip(r[f"{mode}_igemm"][2], r[f"{mode}64"][2])):
-            assert _l2(got, ref) <= GRAD_L2 and _err(got, ref) <= GRAD_MAX, (mode, i, _l2(got, ref), _err(got, ref))
+    for i, (got, ref) in enumerate(zip(r["eval_igemm"][2], r["eval64"][2])):
+        assert _l2(got, ref) <= GRAD_L2 and _err(got, ref) <= GRAD_MAX, (i, _l2(got, ref), _err(got, ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["submanifold", "strided", "transposed"])
+def test_cuda_igemm_layer_gradients_at_segment_size(kind):
+    """One convolution at a segment's size (~130 k voxels, 16 -> 32 channels), each kind of map the U-Net uses: the
+    implicit GEMM's output, input gradient and weight gradient against the float64 gather path, within 2e-5 of the
+    largest value (float32 sums of up to ~10^5 products; TF32 products, ~1e-3, or a wrong row fail)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(1)
+    xyz = torch.unique((torch.randn(150_000, 3, generator=g) * torch.tensor([60.0, 8.0, 60.0])).long() + 200, dim=0)
+    c = torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1).to(dev)
+    cache = KernelMapCache()
+    if kind == "submanifold":
+        kmap, transposed = cache.submanifold(c, 1), False
+    else:
+        kmap, transposed = cache.downsample(c, 1)[0], kind == "transposed"
+    n_in = kmap.n_out if transposed else kmap.n_in
+    x = torch.randn(n_in, 16, generator=g).to(dev)
+    w = (torch.randn(27, 16, 32, generator=g) / 12).to(dev)
+    res = {}
+    for impl, dt in (("igemm", torch.float32), ("gather", torch.float64)):
+        xi, wi = x.to(dt).clone().requires_grad_(), w.to(dt).clone().requires_grad_()
+        y = sparse_conv(xi, wi, kmap, transposed, impl=impl)
+        gout = torch.linspace(-1, 1, y.numel(), device=dev, dtype=dt).view_as(y)
+        y.backward(gout)
+        res[impl] = (y.detach(), xi.grad, wi.grad)
+    for name, got, ref in zip(("output", "input gradient", "weight gradient"), res["igemm"], res["gather"]):
+        assert got.dtype == torch.float32 and _err(got, ref) < 2e-5, (kind, name, _err(got, ref))

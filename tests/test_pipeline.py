@@ -316,6 +316,8 @@ def test_joint_composite_and_frustum_culling_match_the_reference_composite(data_
     pipe.activate(batch.scene_id, batch.segment_id)
     model.eval()
     shared = model.extract_shared(batch)
+    # the fused (Triton) kernel maps are the default on CUDA; on the CPU the model keeps the PyTorch maps
+    assert model.config.fused_kernel_maps and not model.segments.get_cache("voxels").kernel_maps.fused_lookup
     tgt = batch.target
     results = {}
     for composite, cull in [("separate", False), ("separate", True), ("joint", False), ("joint", True)]:

@@ -76,11 +76,11 @@ class EvolSplatModelConfig(ModelConfig):
     """How the project's own backend runs a convolution: 'igemm' = Triton implicit-GEMM kernels (CUDA), 'gather' =
     gather-matmul-scatter in pure PyTorch (any device), 'auto' = igemm on CUDA when Triton is importable, else
     gather. Same results up to float rounding."""
-    fused_kernel_maps: bool = False
-    """A segment's kernel maps (built on its first reconstruction) come from a few Triton kernels instead of ~40-60
-    PyTorch operations per map, and the volume's trilinear corners are looked up in one kernel (every
-    reconstruction). Same maps and samples (tested; CUDA). Off until measured on the GPU (``bench_model.py`` B1
-    reports both)."""
+    fused_kernel_maps: bool = True
+    """On CUDA, a segment's kernel maps (built on its first reconstruction) come from a few Triton kernels instead of
+    ~40-60 PyTorch operations per map, and the volume's trilinear corners are looked up in one kernel (every
+    reconstruction). Same maps and samples (tested against the PyTorch twin on the GPU). H200, KITTI-360 size: a
+    first-time segment 15.0 ms instead of 21.2 (docs/BENCHMARKS.md, session 13). Other devices, or False: PyTorch."""
     volume_sampling: Literal["sparse", "dense"] = "sparse"
     """Sample the feature volume straight from the sparse voxels, or densify it like the reference."""
     volume_aabb: Optional[Tuple[float, float, float, float, float, float]] = None
@@ -289,7 +289,7 @@ class EvolSplatModel(Model):
         with stage("voxelize"):
             vox = self.segments.cached("voxels", lambda: voxelize(
                 means0, seg["colours"], self.config.voxel_size, *((box[:3], box[3:]) if box is not None else ()),
-                fused_lookup=self.config.fused_kernel_maps))
+                fused_lookup=self.config.fused_kernel_maps and means0.is_cuda))
         idx, f3, new_offset = self._volume_features(seg, vox, mask, stage)
         if self.training:
             self.segments.update_offset(idx, new_offset.detach())

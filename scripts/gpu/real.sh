@@ -91,6 +91,7 @@ for s,row in r.items(): print(s, round(row['evolsplat_ff']['psnr'],2), {k: (roun
     for m in splatfacto finetune; do cp /tmp/real_$m/real_splatfacto_*_view00.png "$RES/real_${m}_view00.png" 2>/dev/null; done ;;
 variants)  # SWEEP: bench_real.py --variant options (default: the default start and the windows start)
     run=$2; shift 2
+    rm -f /tmp/realv/bench_real_splatfacto.json  # a failed sweep must not report the previous call's results
     python3 benchmarks/bench_real.py splatfacto --load-config "$RUNS/$run/evolsplat-ff/run/config.yml" \
         --methods finetune --budgets ${@:-30 60} --images 1 --out /tmp/realv \
         ${SWEEP:---variant default --variant windows bake=windows} > "$RES/variants.log" 2>&1

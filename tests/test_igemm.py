@@ -12,6 +12,7 @@ import torch
 from evolsplat_ns.model.sparse import KernelMapCache, SparseTensor, SparseUNet, build_downsample_map
 from evolsplat_ns.model.sparse import igemm as ig
 from evolsplat_ns.model.sparse.ops import resolve_impl, sparse_conv
+from sparse_fixtures import street_voxels
 
 pytestmark = pytest.mark.skipif(not ig.available(), reason="Triton not installed")
 cpu_interpreter = pytest.mark.skipif(not ig.interpreting(), reason="Triton not in interpreter mode (GPU run)")
@@ -133,7 +134,7 @@ measured norm and ~6x the measured maximum, while a wrong neighbour table moves 
 
 @pytest.fixture(scope="module")
 def segment_size_runs():
-    """At ~100k voxels on the GPU: the float64 gather path and the float32 paths (values, input gradient, weight
+    """At ~140 k voxels on the GPU: the float64 gather path and the float32 paths (values, input gradient, weight
     gradients), in eval mode (batch norm with running statistics: both float32 paths) and in training mode (the
     implicit GEMM twice, for determinism)."""
     if not torch.cuda.is_available():
@@ -141,8 +142,7 @@ def segment_size_runs():
     dev = torch.device("cuda")
     torch.manual_seed(0)  # the networks' initial weights: the rounding checked below depends on them
     g = torch.Generator().manual_seed(0)
-    xyz = torch.unique((torch.randn(150_000, 3, generator=g) * torch.tensor([60.0, 8.0, 60.0])).long() + 200, dim=0)
-    c = torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1).to(dev)
+    c = street_voxels(g, dev)
     f = torch.randn(len(c), 3, generator=g).to(dev)
     nets = {impl: SparseUNet(3, 16, impl=impl).to(dev) for impl in ("gather", "igemm")}
     cache = KernelMapCache()
@@ -206,15 +206,14 @@ def test_cuda_igemm_weight_gradients_at_segment_size(segment_size_runs):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["submanifold", "strided", "transposed"])
 def test_cuda_igemm_layer_gradients_at_segment_size(kind):
-    """One convolution at a segment's size (~130 k voxels, 16 -> 32 channels), each kind of map the U-Net uses: the
+    """One convolution at a segment's size (~140 k voxels, 16 -> 32 channels), each kind of map the U-Net uses: the
     implicit GEMM's output, input gradient and weight gradient against the float64 gather path, within 2e-5 of the
     largest value (float32 sums of up to ~10^5 products; TF32 products, ~1e-3, or a wrong row fail)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(1)
-    xyz = torch.unique((torch.randn(150_000, 3, generator=g) * torch.tensor([60.0, 8.0, 60.0])).long() + 200, dim=0)
-    c = torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1).to(dev)
+    c = street_voxels(g, dev)
     cache = KernelMapCache()
     if kind == "submanifold":
         kmap, transposed = cache.submanifold(c, 1), False
